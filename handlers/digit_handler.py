@@ -1,0 +1,103 @@
+"""Digit handler: any drawing or photo of one digit -> an MNIST-like 28x28 image -> LeNet-5 / AlexNet.
+
+MNIST digits are white ink on black, cropped to the ink, fitted into 20x20 with the aspect ratio
+kept, and placed in 28x28 with their centre of mass at the centre (LeCun et al.). A canvas drawing
+or a photo looks nothing like that until it is preprocessed the same way:
+  1. ink map: the alpha channel when the image has transparency (a canvas), else the distance of
+     each pixel's grey level from the background level (the median of the border), so black-on-white
+     and white-on-black both work;
+  2. crop to the ink, scale the long side to 80 px (max-pooling large images, so thin strokes
+     survive) and thicken strokes thinner than MNIST's
+     (about 1/8 of the digit's height), so a 1-px pen stroke on a large canvas stays visible;
+  3. fit into 20x20, paste into 28x28, shift the centre of mass to (14, 14).
+"""
+import numpy as np
+from PIL import Image, ImageFilter
+
+from base_classifier import BadInput, ImageClassifier
+
+WORK_SIZE = 80  # long side (px) at which stroke width is measured and normalised
+MIN_STROKE = 9  # px at WORK_SIZE: MNIST strokes are ~2-2.5 px of a 20-px digit (~10 px at 80)
+INK_THRESHOLD = 0.15  # fraction of the strongest ink below which a pixel is background
+
+
+def ink_map(image: Image.Image) -> np.ndarray:
+    """float32 HxW in [0, 1], ink = 1."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3].astype(np.float32) / 255.0
+        if alpha.min() < 0.99:  # transparent background: whatever is painted is ink
+            return alpha
+    grey = np.asarray(image.convert("L"), np.float32) / 255.0
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return np.abs(grey - np.median(border))
+
+
+def _stroke_width(binary: Image.Image) -> int:
+    """Approximate stroke width (px) as twice the number of 3x3 erosions that remove most of the ink."""
+    pixels = np.count_nonzero(np.asarray(binary))
+    for k in range(1, MIN_STROKE):
+        binary = binary.filter(ImageFilter.MinFilter(3))
+        if np.count_nonzero(np.asarray(binary)) < 0.1 * pixels:
+            return 2 * k
+    return 2 * MIN_STROKE
+
+
+def _crop_to_ink(ink: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(ink)
+    return ink[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+
+
+def _max_pool_to(ink: np.ndarray, size: int) -> np.ndarray:
+    """Shrink by an integer factor with max-pooling until the long side is at most `size`, so a
+    1-px stroke on a large canvas survives as a 1-px stroke (averaging would fade it away)."""
+    h, w = ink.shape
+    k = -(-max(h, w) // size)
+    if k <= 1:
+        return ink
+    padded = np.zeros((-(-h // k) * k, -(-w // k) * k), ink.dtype)
+    padded[:h, :w] = ink
+    return padded.reshape(padded.shape[0] // k, k, padded.shape[1] // k, k).max(axis=(1, 3))
+
+
+def mnist_style(image: Image.Image) -> np.ndarray:
+    """PIL image -> uint8 28x28, white digit on black, centred like MNIST. Raises BadInput when blank."""
+    ink = ink_map(image)
+    peak = float(ink.max())
+    if peak < 0.1:
+        raise BadInput("blank image: no digit found (draw a digit, or send a photo of one)")
+    ink = np.clip((ink - INK_THRESHOLD * peak) / ((1 - INK_THRESHOLD) * peak), 0, 1)
+    crop = _max_pool_to(_crop_to_ink(ink), WORK_SIZE)
+    h, w = crop.shape
+    scale = WORK_SIZE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    work = Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    pad = MIN_STROKE  # room for thickening
+    canvas = Image.new("L", (size[0] + 2 * pad, size[1] + 2 * pad))
+    canvas.paste(work, (pad, pad))
+    width = _stroke_width(canvas.point(lambda v: 255 if v >= 128 else 0))
+    if width < MIN_STROKE:
+        canvas = canvas.filter(ImageFilter.MaxFilter(2 * ((MIN_STROKE - width) // 2) + 1))
+    glyph = _crop_to_ink(np.asarray(canvas, np.float32) / 255.0 * (np.asarray(canvas) > 0))
+    h, w = glyph.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = Image.fromarray((glyph * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS)
+    digit = np.zeros((28, 28), np.float32)
+    top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
+    digit[top: top + size[1], left: left + size[0]] = np.asarray(small, np.float32)
+    return _center_of_mass_to_middle(digit)
+
+
+def _center_of_mass_to_middle(digit: np.ndarray) -> np.ndarray:
+    ys, xs = np.mgrid[0:28, 0:28]
+    mass = digit.sum()
+    dy, dx = 14 - (digit * ys).sum() / mass, 14 - (digit * xs).sum() / mass
+    # PIL's affine maps output (x, y) to input (x - dx, y - dy): a sub-pixel shift by (dx, dy)
+    shifted = Image.fromarray(digit, mode="F").transform(
+        (28, 28), Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), resample=Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(shifted), 0, 255).round().astype(np.uint8)
+
+
+class DigitHandler(ImageClassifier):
+    def preprocess_image(self, image):
+        return mnist_style(image)

@@ -1,0 +1,97 @@
+"""A small REST client for TorchServe that reads the tokens from TorchServe's key file.
+
+Defaults come from config.properties and .run/key_file.json (what `make serve` uses) and can be
+changed with TS_INFERENCE_URL, TS_MANAGEMENT_URL and TS_KEY_FILE.
+"""
+import json
+import os
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServeError(RuntimeError):
+    """TorchServe answered with an error (status, message) or could not be reached (status None)."""
+
+    def __init__(self, status: int | None, message: str):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status, self.message = status, message
+
+
+def read_properties(path) -> dict:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+class TorchServeClient:
+    def __init__(self, inference_url: str, management_url: str, key_file, timeout: float = 10.0):
+        self.inference_url = inference_url.rstrip("/")
+        self.management_url = management_url.rstrip("/")
+        self.key_file = Path(key_file)
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    @classmethod
+    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0):
+        props = read_properties(config)
+        return cls(os.environ.get("TS_INFERENCE_URL", props["inference_address"]),
+                   os.environ.get("TS_MANAGEMENT_URL", props["management_address"]),
+                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout)
+
+    def _key(self, kind: str) -> str:
+        """Read on every call: TorchServe writes a new key file each time it starts."""
+        try:
+            return json.loads(self.key_file.read_text())[kind]["key"]
+        except FileNotFoundError:
+            raise ServeError(None, f"no TorchServe key file at {self.key_file}: is TorchServe running "
+                                   f"(`make serve`)?") from None
+
+    def _request(self, method: str, url: str, kind: str, **kwargs):
+        headers = {"Authorization": f"Bearer {self._key(kind)}", **kwargs.pop("headers", {})}
+        try:
+            response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+        except requests.ConnectionError:
+            raise ServeError(None, f"TorchServe is not reachable at {url.split('/')[2]}: is it running "
+                                   f"(`make serve`)?") from None
+        except requests.Timeout:
+            raise ServeError(None, f"TorchServe did not answer within {self.timeout:.0f} s") from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                message = response.text
+            raise ServeError(response.status_code, message)
+        return response.json()
+
+    def ping(self) -> bool:
+        return self._request("GET", f"{self.inference_url}/ping", "inference").get("status") == "Healthy"
+
+    def predict(self, model: str, image: bytes, version: str | None = None, **options) -> dict:
+        """POST the image as the raw body; options (top_k=3, return_input=True) go as X- headers,
+        since TorchServe does not pass query parameters on to the handler."""
+        path = f"{model}/{version}" if version else model
+        headers = {f"X-{k.replace('_', '-').title()}": str(v).lower() for k, v in options.items()}
+        return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference",
+                             data=image, headers=headers)
+
+    def models(self) -> list[str]:
+        return [m["modelName"] for m in self._request("GET", f"{self.management_url}/models", "management")["models"]]
+
+    def describe(self, model: str, version: str = "all") -> list[dict]:
+        return self._request("GET", f"{self.management_url}/models/{model}/{version}", "management")
+
+    def default_version(self, model: str) -> str:
+        """GET /models/{model} describes the default version only."""
+        return self._request("GET", f"{self.management_url}/models/{model}", "management")[0]["modelVersion"]
+
+    def set_default(self, model: str, version: str) -> dict:
+        return self._request("PUT", f"{self.management_url}/models/{model}/{version}/set-default", "management")
+
+    def ready_workers(self, model: str) -> int:
+        return sum(w.get("status") == "READY" for v in self.describe(model, "all") for w in v.get("workers", []))

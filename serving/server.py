@@ -1,0 +1,140 @@
+"""Start, stop and wait for TorchServe with the project's config.
+
+    python -m serving.server start    # in the background; state in .run/ (pid, logs, key_file.json)
+    python -m serving.server stop
+    python -m serving.server status
+
+TorchServe keeps its pid file in $TMPDIR and writes key_file.json to its working directory, so each
+run folder (.run/ here, a temporary one per test session) is a separate server. Tests start one
+on free ports with `start(run_dir, overrides={...})`.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from model_store.archive import STORE, archive_name, load_settings
+from serving.client import TorchServeClient, read_properties
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run"
+CONFIG = ROOT / "config.properties"
+LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
+TORCHSERVE = Path(sys.executable).parent / "torchserve"
+
+
+def write_config(run_dir: Path, overrides: dict | None = None) -> Path:
+    """config.properties with `overrides` applied (other ports for tests), written into run_dir."""
+    lines, overrides = [], dict(overrides or {})
+    for line in CONFIG.read_text().splitlines():
+        key = line.split("=", 1)[0].strip()
+        lines.append(f"{key}={overrides.pop(key)}" if key in overrides and not line.startswith("#") else line)
+    lines += [f"{k}={v}" for k, v in overrides.items()]
+    path = run_dir / "config.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def startup_models(store: Path = STORE) -> list[str]:
+    """`name=archive` for every archived version, each model's default version first (TorchServe makes
+    the first version it loads the default)."""
+    settings, models = load_settings(), []
+    for model, entry in settings["models"].items():
+        versions = sorted(entry["versions"], key=lambda v: v != entry["default"])
+        models += [f"{model}={archive_name(model, v)}" for v in versions if (store / archive_name(model, v)).exists()]
+    return models
+
+
+def _env(run_dir: Path) -> dict:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, TMPDIR=str(run_dir), LOG_LOCATION=str(logs), METRICS_LOCATION=str(logs))
+
+
+def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,
+          store: Path = STORE, timeout: float = 240) -> TorchServeClient:
+    """Start TorchServe in the background and wait until every model has a ready worker."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "key_file.json").unlink(missing_ok=True)
+    config = write_config(run_dir, overrides)
+    models = startup_models(store) if models is None else models
+    if not models:
+        raise RuntimeError(f"no archives in {store}: run `make archive` first")
+    subprocess.run([str(TORCHSERVE), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
+                    "--log-config", str(LOG_CONFIG), "--models", *models],
+                   cwd=run_dir, env=_env(run_dir), check=True, stdout=subprocess.DEVNULL)
+    client = TorchServeClient.from_config(config, run_dir / "key_file.json")
+    wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)
+    return client
+
+
+def wait_ready(client: "TorchServeClient", models: set, timeout: float, run_dir: Path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if client.ping() and all(client.ready_workers(m) > 0 for m in models):
+                return
+        except (requests.ConnectionError, FileNotFoundError, KeyError, json.JSONDecodeError):
+            pass
+        except RuntimeError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {run_dir / 'logs'}")
+
+
+def pid(run_dir: Path = RUN_DIR) -> int | None:
+    path = Path(run_dir) / ".model_server.pid"
+    if not path.exists():
+        return None
+    value = int(path.read_text().strip() or 0)
+    try:
+        os.kill(value, 0)
+        return value
+    except OSError:
+        return None
+
+
+def stop(run_dir: Path = RUN_DIR, timeout: float = 60):
+    """Stop the frontend; its shutdown ends the Python workers. Waits until the process is gone."""
+    run_dir = Path(run_dir).resolve()
+    running = pid(run_dir)
+    if running is None:
+        return False
+    subprocess.run([str(TORCHSERVE), "--stop"], cwd=run_dir, env=_env(run_dir), stdout=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while pid(run_dir) is not None and time.time() < deadline:
+        time.sleep(0.2)
+    if pid(run_dir) is not None:
+        os.kill(running, 9)
+    return True
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    action = p.parse_args().action
+    if action == "start":
+        if pid() is not None:
+            sys.exit(f"TorchServe already runs (pid {pid()}); `make stop` first")
+        client = start()
+        props = read_properties(CONFIG)
+        print(f"TorchServe is up: inference {props['inference_address']}, management "
+              f"{props['management_address']}, metrics {props['metrics_address']}, gRPC "
+              f"{props['grpc_inference_address']}:{props['grpc_inference_port']}")
+        print(f"tokens: {RUN_DIR / 'key_file.json'}; logs: {RUN_DIR / 'logs'}")
+        for model in client.models():
+            print(f"  {model}: versions {', '.join(v['modelVersion'] for v in client.describe(model))}")
+    elif action == "stop":
+        print("TorchServe stopped" if stop() else "TorchServe was not running")
+    else:
+        print(f"TorchServe runs, pid {pid()}" if pid() else "TorchServe is not running")
+
+
+if __name__ == "__main__":
+    main()

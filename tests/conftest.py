@@ -1,0 +1,56 @@
+"""Shared fixtures: paths, the real data sets (skipped when absent), drawn digits, a live TorchServe."""
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other as shipped in the .mar
+DATA_DIR = ROOT.parent / "shared" / "data"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    """(images uint8 N x 28 x 28, labels) of the official MNIST test split."""
+    if not (DATA_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
+        pytest.skip(f"MNIST not found under {DATA_DIR} (a fresh clone has no ../shared/data)")
+    from training.data import load_split
+    images, labels = load_split("mnist", DATA_DIR, train=False)
+    return images[:, 0].numpy(), labels.numpy()
+
+
+@pytest.fixture(scope="session")
+def cifar_test():
+    if not (DATA_DIR / "cifar-10-batches-bin").exists():
+        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (a fresh clone has no ../shared/data)")
+    from training.data import load_cifar10
+    return load_cifar10(DATA_DIR, train=False)
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory):
+    """The real TorchServe (Java frontend, Python workers) on free ports, serving every archive."""
+    from serving import server
+    if not server.startup_models():
+        pytest.fail("no archives in model_store/: `make test` builds them (make archive)")
+    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports['inference']}",
+        "management_address": f"http://127.0.0.1:{ports['management']}",
+        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
+        "grpc_inference_port": ports["grpc_inference"],
+        "grpc_management_port": ports["grpc_management"],
+    }
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    client = server.start(run_dir, overrides)
+    client.run_dir = run_dir
+    yield client
+    server.stop(run_dir)

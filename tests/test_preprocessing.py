@@ -1,0 +1,109 @@
+"""The digit and image handlers' preprocessing, on drawings and on real test images."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from base_classifier import BadInput, decode_image
+from digit_handler import mnist_style
+from image_handler import cifar_style
+from drawing import draw_digit, png_bytes
+from training.data import MEAN, STD
+from training.models import load_weights
+from training.train import WEIGHTS_DIR
+
+CANVASES = {  # name -> draw_digit keyword arguments: the ways people draw
+    "canvas": {},
+    "offset": dict(box=(190, 170, 80, 100), width=10),
+    "tiny": dict(box=(120, 120, 16, 22), width=3),
+    "huge": dict(size=(2000, 1600), box=(300, 100, 1200, 1400), width=120),
+    "thick": dict(width=48),
+    "thin": dict(size=(600, 600), box=(100, 80, 380, 440), width=2),
+    "black_on_white": dict(mode="RGB", ink=(0, 0, 0, 255), background=(255, 255, 255, 255)),
+    "grey_photo": dict(mode="L", ink=(40, 40, 40, 255), background=(200, 200, 200, 255)),
+}
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return load_weights("mnist_lenet5", WEIGHTS_DIR / "mnist_lenet5.pt")
+
+
+def classify(model, digit28: np.ndarray) -> int:
+    x = (torch.from_numpy(digit28).float() / 255 - MEAN["mnist"][0]) / STD["mnist"][0]
+    with torch.no_grad():
+        return int(model(x[None, None]).argmax())
+
+
+def center_of_mass(digit28):
+    ys, xs = np.mgrid[0:28, 0:28]
+    m = digit28.astype(float)
+    return (m * ys).sum() / m.sum(), (m * xs).sum() / m.sum()
+
+
+@pytest.mark.parametrize("name", CANVASES)
+@pytest.mark.parametrize("digit", [0, 1, 4, 7])
+def test_drawn_digit_becomes_mnist_like_and_is_recognised(lenet, name, digit):
+    drawing = draw_digit(digit, **CANVASES[name])
+    seen = mnist_style(decode_image(png_bytes(drawing)))
+    assert seen.shape == (28, 28) and seen.dtype == np.uint8
+    cy, cx = center_of_mass(seen)
+    assert abs(cy - 14) < 0.75 and abs(cx - 14) < 0.75, (cy, cx)
+    rows, cols = np.nonzero(seen > 32)
+    assert 16 <= max(np.ptp(rows), np.ptp(cols)) + 1 <= 22  # fitted into the 20x20 box (plus antialiasing)
+    assert seen.max() >= 200  # strokes are solid ink, also when drawn 2 px thin on a large canvas
+    assert classify(lenet, seen) == digit
+
+
+def test_jpeg_photo_of_a_digit(lenet):
+    photo = draw_digit(7, mode="RGB", ink=(30, 30, 60, 255), background=(235, 230, 220, 255))
+    seen = mnist_style(decode_image(png_bytes(photo, "JPEG")))
+    assert classify(lenet, seen) == 7
+
+
+def test_mnist_test_digits_survive_the_canvas_round_trip(lenet, mnist_test):
+    """Real MNIST digits, enlarged 10x and inverted to black-on-white like a scanned page, still classify."""
+    images, labels = mnist_test
+    n, correct = 300, 0
+    for image, label in zip(images[:n], labels[:n]):
+        page = Image.fromarray(255 - image).resize((280, 280), Image.Resampling.BICUBIC)
+        correct += classify(lenet, mnist_style(decode_image(png_bytes(page)))) == label
+    assert correct / n >= 0.97
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(32, 32), (500, 375), (64, 200)])
+def test_cifar_style_any_mode_and_size(mode, size):
+    image = Image.new(mode, size, 128 if mode == "L" else (10, 200, 30, 255)[: len(mode)])
+    seen = cifar_style(decode_image(png_bytes(image)))
+    assert seen.shape == (32, 32, 3) and seen.dtype == np.uint8
+
+
+def test_cifar_style_keeps_a_32x32_image_unchanged(cifar_test):
+    images, _ = cifar_test
+    assert np.array_equal(cifar_style(decode_image(png_bytes(Image.fromarray(images[0])))), images[0])
+
+
+def test_blank_canvas_is_refused():
+    with pytest.raises(BadInput, match="blank"):
+        mnist_style(decode_image(png_bytes(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))))
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"", "empty"),
+    (b"hello, this is not an image", "not an image"),
+    (png_bytes(draw_digit(1))[:300], "truncated"),
+    (b"GIF89a" + b"\0" * 20, "not an image|unsupported"),
+])
+def test_bad_payloads_are_refused_with_a_message(payload, message):
+    with pytest.raises(BadInput, match=message):
+        decode_image(payload)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # ~50 kB on disk, 400 Mpx decoded
+    with pytest.raises(BadInput, match="too large|pixels"):
+        decode_image(buf.getvalue())

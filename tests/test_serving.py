@@ -1,0 +1,133 @@
+"""Integration: the real TorchServe serving the real archives, over REST."""
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from drawing import draw_digit, png_bytes
+from serving.client import ServeError
+from training.data import MEAN, STD
+from training.models import load_weights
+from training.train import WEIGHTS_DIR
+
+DIGITS = [0, 1, 4, 7]
+
+
+def post(client, model, **kwargs):
+    """A raw POST, for requests the client does not make (multipart, JSON, no token)."""
+    key = client._key("inference")
+    return requests.post(f"{client.inference_url}/predictions/{model}",
+                         headers={"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}, timeout=30,
+                         **kwargs)
+
+
+def test_every_archived_model_is_ready(torchserve):
+    from serving.server import startup_models
+    expected = {m.split("=")[0] for m in startup_models()}
+    assert set(torchserve.models()) == expected
+    assert all(torchserve.ready_workers(m) >= 1 for m in expected)
+
+
+@pytest.mark.parametrize("digit", DIGITS)
+def test_drawn_digit_is_predicted(torchserve, digit):
+    result = torchserve.predict("mnist_lenet5", png_bytes(draw_digit(digit)))
+    assert result["index"] == digit and result["label"] == str(digit)
+    assert result["model"] == "mnist_lenet5" and result["version"] == "1.0"
+    assert 0.5 < result["confidence"] <= 1.0
+    assert [t["index"] for t in result["top_k"]][0] == digit and len(result["top_k"]) == 3
+
+
+def test_every_request_form_is_accepted(torchserve):
+    image = png_bytes(draw_digit(7))
+    b64 = base64.b64encode(image).decode()
+    forms = [
+        dict(data=image),
+        dict(files={"file": ("seven.png", image, "image/png")}),
+        dict(json={"data": b64}),
+        dict(json={"data": f"data:image/png;base64,{b64}"}),
+    ]
+    for form in forms:
+        response = post(torchserve, "mnist_lenet5", **form)
+        assert response.status_code == 200, response.text
+        assert response.json()["index"] == 7
+
+
+def test_versions_and_options(torchserve):
+    image = png_bytes(draw_digit(4))
+    for version, fmt in (("1.0", "torchscript"), ("1.1", "onnx")):
+        result = torchserve.predict("mnist_lenet5", image, version=version, top_k=10, return_input=True)
+        assert (result["version"], result["format"], result["index"]) == (version, fmt, 4)
+        assert len(result["top_k"]) == 10 and abs(sum(t["probability"] for t in result["top_k"]) - 1) < 1e-4
+        seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(result["input_image"]))))
+        assert seen.shape == (28, 28)
+
+
+BAD_INPUTS = {
+    "blank canvas": (dict(data=png_bytes(Image.new("RGBA", (280, 280)))), "blank"),
+    "not an image": (dict(data=b"%PDF-1.4 definitely not a picture"), "not an image"),
+    "empty body": (dict(data=b""), "empty"),
+    "truncated image": (dict(data=png_bytes(draw_digit(1))[:200]), "truncated|corrupt"),
+    "huge image": (dict(data=png_bytes(Image.new("1", (20000, 20000)))), "too large|pixels"),
+    "json without data": (dict(json={"image": "abc"}), "data"),
+    "bad base64": (dict(json={"data": "!!!notbase64!!!"}), "not an image"),
+    "bad top_k": (dict(data=png_bytes(draw_digit(1)), headers={"X-Top-K": "99"}), "top_k"),
+    "top_k not a number": (dict(json={"data": base64.b64encode(png_bytes(draw_digit(1))).decode(), "top_k": "x"}),
+                           "top_k"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gets_400_and_the_worker_keeps_serving(torchserve, case):
+    kwargs, message = BAD_INPUTS[case]
+    response = post(torchserve, "mnist_lenet5", **kwargs)
+    assert response.status_code == 400, response.text
+    assert pytest.importorskip("re").search(message, response.json()["message"]), response.text
+    assert torchserve.predict("mnist_lenet5", png_bytes(draw_digit(1)))["index"] == 1
+
+
+def test_oversized_upload_gets_413(torchserve):
+    response = post(torchserve, "mnist_lenet5", data=b"\0" * (9 * 1024 * 1024))
+    assert response.status_code == 413
+
+
+def test_bad_request_in_a_batch_does_not_fail_its_neighbours(torchserve):
+    good, bad = png_bytes(draw_digit(7)), b"garbage"
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda i: post(torchserve, "mnist_lenet5", data=bad if i % 2 else good), range(64)))
+    assert [r.status_code for r in results] == [400 if i % 2 else 200 for i in range(64)]
+    assert all(r.json()["index"] == 7 for r in results[::2])
+
+
+def test_unknown_model_and_missing_token(torchserve):
+    with pytest.raises(ServeError) as err:
+        torchserve.predict("no_such_model", png_bytes(draw_digit(1)))
+    assert err.value.status == 404
+    response = requests.post(f"{torchserve.inference_url}/predictions/mnist_lenet5", data=b"x", timeout=10)
+    assert response.status_code in (400, 401) and "token" in response.text.lower() or "key" in response.text.lower()
+
+
+def test_served_predictions_agree_with_in_process_on_1000_mnist_test_images(torchserve, mnist_test):
+    """TorchServe (Java frontend, batching, handler, TorchScript) answers exactly what the same
+    preprocessing and the eager PyTorch model give in this process, on 1,000 real test digits."""
+    from base_classifier import decode_image
+    from digit_handler import mnist_style
+    images, labels = mnist_test
+    n = 1000
+    pngs = [png_bytes(Image.fromarray(img)) for img in images[:n]]
+    model = load_weights("mnist_lenet5", WEIGHTS_DIR / "mnist_lenet5.pt")
+    seen = np.stack([mnist_style(decode_image(p)) for p in pngs])
+    with torch.no_grad():
+        x = (torch.from_numpy(seen).float()[:, None] / 255 - MEAN["mnist"][0]) / STD["mnist"][0]
+        in_process = model(x).argmax(1).numpy()
+    with ThreadPoolExecutor(8) as pool:
+        served = np.array(list(pool.map(lambda p: torchserve.predict("mnist_lenet5", p)["index"], pngs)))
+    agreement = (served == in_process).mean()
+    print(f"served/in-process agreement on {n} MNIST test images: {agreement:.4f}; "
+          f"served accuracy {(served == labels[:n]).mean():.4f}")
+    assert agreement == 1.0
+    assert (served == labels[:n]).mean() >= 0.98

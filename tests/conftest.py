@@ -35,9 +35,9 @@ def cifar_test():
     return load_cifar10(DATA_DIR, train=False)
 
 
-@pytest.fixture(scope="session")
-def torchserve(tmp_path_factory):
-    """The real TorchServe (Java frontend, Python workers) on free ports, serving every archive."""
+def start_torchserve(run_dir):
+    """Start the real TorchServe (Java frontend, Python workers) on free ports, serving every archive.
+    Returns its client; `client.run_dir` is where its key file, logs and pid live."""
     from serving import server
     if not server.startup_models():
         pytest.fail("no archives in model_store/: `make test` builds them (make archive)")
@@ -49,8 +49,15 @@ def torchserve(tmp_path_factory):
         "grpc_inference_port": ports["grpc_inference"],
         "grpc_management_port": ports["grpc_management"],
     }
-    run_dir = tmp_path_factory.mktemp("torchserve")
     client = server.start(run_dir, overrides)
     client.run_dir = run_dir
-    yield client
+    return client
+
+
+@pytest.fixture(scope="session")
+def torchserve(tmp_path_factory):
+    """One TorchServe for the whole session; tests that stop a server start their own."""
+    from serving import server
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    yield start_torchserve(run_dir)
     server.stop(run_dir)

@@ -107,3 +107,19 @@ def test_decompression_bomb_is_refused_before_decoding():
     Image.new("1", (20000, 20000)).save(buf, format="PNG")  # ~50 kB on disk, 400 Mpx decoded
     with pytest.raises(BadInput, match="too large|pixels"):
         decode_image(buf.getvalue())
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("size", [(32, 32), (96, 96), (160, 120)])
+def test_real_cifar10_images_at_any_size_are_recognised(cifar_test, fmt, size):
+    """Real CIFAR-10 test images, enlarged and saved as PNG or JPEG as a user would upload them."""
+    images, labels = cifar_test
+    model = load_weights("cifar10_resnet18", WEIGHTS_DIR / "cifar10_resnet18.pt")
+    n = 100
+    seen = np.stack([cifar_style(decode_image(png_bytes(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC),
+                                                        fmt))) for img in images[:n]])
+    x = torch.from_numpy(seen).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1).numpy() == labels[:n]).mean()
+    assert accuracy >= 0.8, accuracy

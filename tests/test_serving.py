@@ -11,7 +11,7 @@ from PIL import Image
 
 from drawing import draw_digit, png_bytes
 from serving.client import ServeError
-from training.data import MEAN, STD
+from training.data import CIFAR10_CLASSES, MEAN, STD
 from training.models import load_weights
 from training.train import WEIGHTS_DIR
 
@@ -26,11 +26,15 @@ def post(client, model, **kwargs):
                          **kwargs)
 
 
-def test_every_archived_model_is_ready(torchserve):
-    from serving.server import startup_models
-    expected = {m.split("=")[0] for m in startup_models()}
+def test_all_models_of_the_zoo_are_served_at_once(torchserve):
+    from model_store.archive import load_settings
+    expected = set(load_settings()["models"])
     assert set(torchserve.models()) == expected
     assert all(torchserve.ready_workers(m) >= 1 for m in expected)
+    seven = png_bytes(draw_digit(7))
+    assert torchserve.predict("mnist_alexnet", seven)["index"] == 7
+    photo = torchserve.predict("cifar10_resnet18", png_bytes(Image.new("RGB", (64, 48), (90, 140, 220))))
+    assert photo["label"] in CIFAR10_CLASSES and len(photo["top_k"]) == 3
 
 
 @pytest.mark.parametrize("digit", DIGITS)
@@ -131,3 +135,19 @@ def test_served_predictions_agree_with_in_process_on_1000_mnist_test_images(torc
           f"served accuracy {(served == labels[:n]).mean():.4f}")
     assert agreement == 1.0
     assert (served == labels[:n]).mean() >= 0.98
+
+
+def test_served_cifar10_accuracy_equals_in_process_on_500_test_images(torchserve, cifar_test):
+    images, labels = cifar_test
+    n = 500
+    model = load_weights("cifar10_resnet18", WEIGHTS_DIR / "cifar10_resnet18.pt")
+    with torch.no_grad():
+        x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float() / 255
+        x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]
+        in_process = model(x).argmax(1).numpy()
+    pngs = [png_bytes(Image.fromarray(img)) for img in images[:n]]
+    with ThreadPoolExecutor(8) as pool:
+        served = np.array(list(pool.map(lambda p: torchserve.predict("cifar10_resnet18", p)["index"], pngs)))
+    served_acc, local_acc = (served == labels[:n]).mean(), (in_process == labels[:n]).mean()
+    print(f"cifar10_resnet18 on {n} test images: served {served_acc:.4f}, in-process {local_acc:.4f}")
+    assert served_acc == local_acc and (served == in_process).all()

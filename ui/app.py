@@ -1,0 +1,25 @@
+"""The web UI of the image-recognition service: `make ui` runs it (streamlit run ui/app.py).
+
+Pages: draw a digit, upload a photo, the served models, this session's history. Every answer comes
+from TorchServe (serving/client.py: its addresses from config.properties or TS_* variables).
+"""
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # streamlit puts ui/ on the path, not the repository with serving/
+    sys.path.insert(0, ROOT)
+
+from ui import overview, predict, shared  # noqa: E402
+
+st.set_page_config(page_title="Digits and photos", page_icon=":material/draw:", layout="wide")
+page = st.navigation([
+    st.Page(predict.draw_page, title="Draw a digit", icon=":material/draw:", url_path="draw", default=True),
+    st.Page(predict.upload_page, title="Upload a photo", icon=":material/photo_camera:", url_path="upload"),
+    st.Page(overview.models_page, title="Models", icon=":material/deployed_code:", url_path="models"),
+    st.Page(overview.history_page, title="History", icon=":material/history:", url_path="history"),
+])
+shared.server_status()
+page.run()

@@ -1,0 +1,98 @@
+"""The prediction pages: draw a digit on a canvas, or upload a photo."""
+import pandas as pd
+import streamlit as st
+from streamlit_drawable_canvas import st_canvas
+
+from ui import shared
+
+CANVAS_PX = 280  # ten times MNIST's 28 px: room to draw with a mouse or a finger
+SEEN_PX = 224  # the model's input, enlarged (8x a digit, 7x a CIFAR image)
+# Only the predicted digit is shown large; the other metrics keep Streamlit's size.
+BIG_DIGIT_CSS = "<style>.st-key-digit [data-testid='stMetricValue'] {font-size: 6rem; line-height: 1.1}</style>"
+
+
+def draw_page():
+    st.title("Draw a digit")
+    picked = shared.pick_model("digit_handler.py", "draw")
+    if picked is None:
+        return
+    model, version = picked
+    pad, answer = st.columns([1, 1.5], gap="large")
+    with pad:
+        canvas, predict_now, live = drawing_pad()
+    with answer:
+        strokes = len((canvas.json_data or {}).get("objects", []))
+        if canvas.image_bytes and (predict_now or (live and strokes)):
+            # The canvas PNG goes as it is (transparent background): the handler reads alpha as ink.
+            shared.predict("draw", model, version, canvas.image_bytes, top_k=10, force=predict_now)
+        result = shared.last_result("draw")
+        if result:
+            digit_result(result)
+        elif not predict_now:
+            st.info("Draw one digit, large and centred, then press **Predict**.", icon=":material/draw:")
+
+
+def drawing_pad():
+    """The canvas and its controls -> (canvas result, Predict pressed, live prediction on)."""
+    st.session_state.setdefault("canvas_generation", 0)
+    brush = st.slider("Brush width", 6, 40, 20, format="%d px")
+    # A new key is a new, empty canvas: how Clear empties it.
+    canvas = st_canvas(stroke_width=brush, stroke_color="#111111", height=CANVAS_PX, width=CANVAS_PX,
+                       return_image_data=True, key=f"canvas_{st.session_state.canvas_generation}")
+    with st.container(horizontal=True, vertical_alignment="center"):
+        # Nothing to send until the canvas has sent its first drawing.
+        predict_now = st.button("Predict", type="primary", icon=":material/send:",
+                                disabled=canvas.image_bytes is None)
+        st.button("Clear", icon=":material/delete:", on_click=clear_canvas)
+        live = st.toggle("Predict while drawing", key="live")
+    return canvas, predict_now, live
+
+
+def clear_canvas():
+    st.session_state.canvas_generation += 1
+    st.session_state.pop("draw_result", None)
+
+
+def digit_result(result: dict):
+    st.html(BIG_DIGIT_CSS)
+    digit, facts = st.columns([1, 2], vertical_alignment="center")
+    with digit.container(key="digit"):
+        st.metric("Prediction", result["label"])
+    facts.metric("Confidence", f"{result['confidence']:.1%}")
+    facts.metric("Round trip", f"{result['latency_ms']:.0f} ms")
+    st.caption(f"{result['model']} version {result['version']} ({result['format']})")
+    chart, seen = st.columns([3, 2], vertical_alignment="bottom")
+    probabilities = pd.DataFrame([(c["label"], c["probability"]) for c in result["top_k"]],
+                                 columns=["digit", "probability"]).sort_values("digit")
+    chart.bar_chart(probabilities, x="digit", y="probability", sort=False, height=240)
+    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="What the model saw: 28×28, enlarged")
+
+
+def upload_page():
+    st.title("Upload a photo")
+    picked = shared.pick_model("image_handler.py", "upload")
+    if picked is None:
+        return
+    model, version = picked
+    photo = st.file_uploader("A photo (JPEG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"])
+    if photo is None:
+        st.info("The model names one of the ten CIFAR-10 classes: airplane, automobile, bird, cat, deer, "
+                "dog, frog, horse, ship or truck.", icon=":material/photo_camera:")
+        return
+    original, answer = st.columns([1, 1.5], gap="large")
+    original.image(photo.getvalue(), caption=photo.name, width=320)
+    with answer:
+        result = shared.predict("upload", model, version, photo.getvalue(), top_k=3, force=False)
+        if result:
+            photo_result(result)
+
+
+def photo_result(result: dict):
+    label, seen = st.columns([3, 2])
+    with label:
+        st.metric("Prediction", result["label"])
+        for choice in result["top_k"]:
+            st.progress(choice["probability"], text=f"{choice['label']}: {choice['probability']:.1%}")
+        st.caption(f"{result['model']} version {result['version']} ({result['format']}) · "
+                   f"round trip {result['latency_ms']:.0f} ms")
+    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="As the model saw it: 32×32, enlarged")

@@ -1,0 +1,139 @@
+"""What the pages share: the TorchServe client, its errors as messages, the model and version pickers,
+the prediction call and the session's history."""
+import base64
+import hashlib
+import io
+import time
+from datetime import datetime
+from pathlib import Path
+
+import requests
+import streamlit as st
+import yaml
+from PIL import Image
+
+from serving.client import ServeError, TorchServeClient
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS_YAML = ROOT / "model_store" / "models.yaml"
+HISTORY_LENGTH = 50
+# A worker answers in milliseconds; the margin is for a busy two-core machine, and stays under
+# TorchServe's own 30 s response timeout so that its message, not ours, explains a stuck worker.
+TIMEOUT_S = 20
+
+
+@st.cache_resource
+def client() -> TorchServeClient:
+    return TorchServeClient.from_config(timeout=TIMEOUT_S)
+
+
+SERVE_ERRORS = (ServeError, requests.RequestException)
+
+
+def explain(error: Exception, subject: str) -> str:
+    """A sentence for the page: what went wrong with `subject` and what to do about it."""
+    if not isinstance(error, ServeError):  # the client turns the usual network errors into ServeError
+        return f"Talking to TorchServe failed: {error}"
+    if error.status is None:  # unreachable or too slow: the client's message already says so
+        return error.message
+    if error.status == 400:
+        return f"{subject} could not use this image: {error.message}"
+    if error.status == 404:
+        return f"{subject} is not loaded on TorchServe ({error.message})."
+    if error.status == 503:
+        return f"{subject} has no worker ready: try again in a moment ({error.message})."
+    if error.status in (408, 504):
+        return f"{subject} took too long to answer ({error.message})."
+    if error.status == 413:
+        return f"The image is too large for TorchServe ({error.message})."
+    return f"TorchServe answered {error.status} for {subject}: {error.message}"
+
+
+def attempt(call, *args, subject: str = "TorchServe", **kwargs):
+    """call(*args, **kwargs), or None after showing why it failed on the page."""
+    try:
+        return call(*args, **kwargs)
+    except SERVE_ERRORS as e:
+        st.error(explain(e, subject), icon=":material/error:")
+        return None
+
+
+def server_status():
+    try:
+        healthy = client().ping()
+    except SERVE_ERRORS:
+        healthy = False
+    with st.sidebar:
+        st.markdown(":green[●] TorchServe is healthy" if healthy else ":red[●] TorchServe is not answering")
+        st.caption(f"Inference API: {client().inference_url}")
+
+
+def models_for(handler: str) -> list[str]:
+    """The models of model_store/models.yaml that `handler` serves: digit_handler.py takes drawings,
+    image_handler.py photos."""
+    models = yaml.safe_load(MODELS_YAML.read_text())["models"]
+    return [name for name, entry in models.items() if entry["handler"] == handler]
+
+
+def pick_model(handler: str, page: str) -> tuple[str, str] | None:
+    """Radio buttons for a served model of `handler` and one of its versions, the default first
+    selected; None (with a message on the page) when there is nothing to pick."""
+    served = attempt(client().models)
+    if served is None:
+        return None
+    wanted = models_for(handler)
+    models = [m for m in wanted if m in served]
+    if not models:
+        st.warning(f"TorchServe serves none of {', '.join(wanted)}. `make archive` archives the trained "
+                   f"models; restart TorchServe (`make stop serve`) to load them.", icon=":material/warning:")
+        return None
+    left, right = st.columns(2)
+    model = left.radio("Model", models, horizontal=True, key=f"{page}_model")
+    versions = attempt(client().describe, model, subject=model)
+    default = attempt(client().default_version, model, subject=model)
+    if versions is None or default is None:
+        return None
+    names = [v["modelVersion"] for v in versions]
+    # Keyed by the default too, so that a new default (Models page) is what gets pre-selected.
+    version = right.radio("Version", names, index=names.index(default), horizontal=True,
+                          format_func=lambda v: f"{v} (default)" if v == default else v,
+                          key=f"{page}_version_{model}_{default}")
+    return model, version
+
+
+def predict(page: str, model: str, version: str, image: bytes, top_k: int, force: bool = True) -> dict | None:
+    """Ask TorchServe, remember the answer as the page's result and in the history. Without `force`,
+    the same request as the page's last one is answered from the session: Streamlit reruns the whole
+    page on every click, and that should not send (and log) the same prediction again."""
+    request = (model, version, top_k, hashlib.sha256(image).hexdigest())
+    last = st.session_state.get(f"{page}_result")
+    if not force and last and last[0] == request:
+        return last[1]
+    st.session_state.pop(f"{page}_result", None)
+    start = time.perf_counter()
+    result = attempt(client().predict, model, image, version, top_k=top_k, return_input=True,
+                     subject=f"{model} {version}")
+    if result is None:
+        return None
+    result["latency_ms"] = (time.perf_counter() - start) * 1000
+    result["input_png"] = base64.b64decode(result.pop("input_image"))
+    st.session_state[f"{page}_result"] = (request, result)
+    remember(result)
+    return result
+
+
+def last_result(page: str) -> dict | None:
+    last = st.session_state.get(f"{page}_result")
+    return last[1] if last else None
+
+
+def remember(result: dict):
+    history = st.session_state.setdefault("history", [])
+    history.insert(0, {"time": datetime.now(), **result})
+    del history[HISTORY_LENGTH:]
+
+
+def enlarged(png: bytes, size: int) -> Image.Image:
+    """The model's input, blown up with nearest-neighbour so that its pixels stay visible."""
+    image = Image.open(io.BytesIO(png))
+    return image.resize((size, size * image.height // image.width), Image.Resampling.NEAREST)

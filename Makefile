@@ -7,11 +7,12 @@ UI_PORT ?= 8501
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium export archive serve stop ui demo test evaluate clean
+.PHONY: help venv java chromium grpc export archive serve stop ui demo test evaluate clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
 	@echo "make serve / make stop / make ui / make archive / make evaluate / make train-<model>"
+	@echo "python -m serving.modelctl --help   versions: list, register, set-default, rollback, ..."
 
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
@@ -26,6 +27,11 @@ java:  # TorchServe's frontend needs Java 17
 chromium:  # the UI tests drive Debian's chromium through Playwright (no browser download)
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
 
+serving/grpc_stubs/inference_pb2_grpc.py: .venv/.installed serving/generate_grpc.py
+	$(PY) -m serving.generate_grpc
+
+grpc: serving/grpc_stubs/inference_pb2_grpc.py
+
 optimize/exported/%/export.json: training/weights/%.pt optimize/export.py | venv
 	$(PY) -m optimize.export --model $* --data-dir $(DATA_DIR)
 
@@ -36,7 +42,7 @@ model_store/manifest.json: $(EXPORTS) model_store/models.yaml model_store/archiv
 
 archive: model_store/manifest.json
 
-serve: archive
+serve: archive grpc
 	$(PY) -m serving.server start
 
 stop:
@@ -53,7 +59,7 @@ ui: venv
 demo: serve ui
 	@echo "Open http://127.0.0.1:$(UI_PORT) to draw a digit; \`make stop\` stops everything."
 
-test: venv chromium archive
+test: venv chromium grpc archive
 	$(PY) -m pytest tests
 
 evaluate: venv

@@ -20,6 +20,15 @@ class ServeError(RuntimeError):
         self.status, self.message = status, message
 
 
+def read_key(key_file, kind: str) -> str:
+    """The `kind` ("inference" or "management") key from TorchServe's key file. Read on every call:
+    TorchServe writes new keys each time it starts."""
+    try:
+        return json.loads(Path(key_file).read_text())[kind]["key"]
+    except FileNotFoundError:
+        raise ServeError(None, f"no TorchServe key file at {key_file}: is TorchServe running (`make serve`)?") from None
+
+
 def read_properties(path) -> dict:
     props = {}
     for line in Path(path).read_text().splitlines():
@@ -45,12 +54,7 @@ class TorchServeClient:
                    key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout)
 
     def _key(self, kind: str) -> str:
-        """Read on every call: TorchServe writes a new key file each time it starts."""
-        try:
-            return json.loads(self.key_file.read_text())[kind]["key"]
-        except FileNotFoundError:
-            raise ServeError(None, f"no TorchServe key file at {self.key_file}: is TorchServe running "
-                                   f"(`make serve`)?") from None
+        return read_key(self.key_file, kind)
 
     def _request(self, method: str, url: str, kind: str, **kwargs):
         headers = {"Authorization": f"Bearer {self._key(kind)}", **kwargs.pop("headers", {})}
@@ -92,6 +96,19 @@ class TorchServeClient:
 
     def set_default(self, model: str, version: str) -> dict:
         return self._request("PUT", f"{self.management_url}/models/{model}/{version}/set-default", "management")
+
+    def register(self, archive: str, workers: int = 1) -> dict:
+        """Load an archive of the model store (a bare file name: TorchServe resolves it in its store)."""
+        return self._request("POST", f"{self.management_url}/models", "management",
+                             params={"url": archive, "initial_workers": workers, "synchronous": "true"})
+
+    def unregister(self, model: str, version: str) -> dict:
+        return self._request("DELETE", f"{self.management_url}/models/{model}/{version}", "management")
+
+    def scale(self, model: str, version: str | None, workers: int) -> dict:
+        path = f"{model}/{version}" if version else model
+        return self._request("PUT", f"{self.management_url}/models/{path}", "management",
+                             params={"min_worker": workers, "max_worker": workers, "synchronous": "true"})
 
     def ready_workers(self, model: str) -> int:
         return sum(w.get("status") == "READY" for v in self.describe(model, "all") for w in v.get("workers", []))

@@ -28,10 +28,11 @@ LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
 
 
-def write_config(run_dir: Path, overrides: dict | None = None) -> Path:
-    """config.properties with `overrides` applied (other ports for tests), written into run_dir."""
+def write_config(run_dir: Path, store: Path, overrides: dict | None = None) -> Path:
+    """config.properties with `overrides` applied (other ports for tests) and the model store's
+    absolute path filled in, written into run_dir."""
     lines, overrides = [], dict(overrides or {})
-    for line in CONFIG.read_text().splitlines():
+    for line in CONFIG.read_text().replace("${MODEL_STORE}", str(Path(store).resolve())).splitlines():
         key = line.split("=", 1)[0].strip()
         lines.append(f"{key}={overrides.pop(key)}" if key in overrides and not line.startswith("#") else line)
     lines += [f"{k}={v}" for k, v in overrides.items()]
@@ -62,7 +63,7 @@ def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[s
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
-    config = write_config(run_dir, overrides)
+    config = write_config(run_dir, store, overrides)
     models = startup_models(store) if models is None else models
     if not models:
         raise RuntimeError(f"no archives in {store}: run `make archive` first")

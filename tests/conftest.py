@@ -35,7 +35,7 @@ def cifar_test():
     return load_cifar10(DATA_DIR, train=False)
 
 
-def start_torchserve(run_dir):
+def start_torchserve(run_dir, models=None):
     """Start the real TorchServe (Java frontend, Python workers) on free ports, serving every archive.
     Returns its client; `client.run_dir` is where its key file, logs and pid live."""
     from serving import server
@@ -49,7 +49,7 @@ def start_torchserve(run_dir):
         "grpc_inference_port": ports["grpc_inference"],
         "grpc_management_port": ports["grpc_management"],
     }
-    client = server.start(run_dir, overrides)
+    client = server.start(run_dir, overrides, models=models)
     client.run_dir = run_dir
     return client
 

@@ -19,11 +19,11 @@ import io
 import json
 import logging
 import os
-import warnings
 
 import numpy as np
-import torch
 from PIL import Image
+
+from runtimes import load_runtime
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -109,36 +109,6 @@ def to_png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-class _TorchScriptRuntime:
-    def __init__(self, path, threads):
-        torch.set_num_threads(threads)
-        with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; TorchServe still loads it
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model = torch.jit.load(path, map_location="cpu").eval()
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(batch)).float().numpy()
-
-
-class _OnnxRuntime:
-    def __init__(self, path, threads):
-        import onnxruntime as ort  # only archives holding an ONNX model need it
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
-
-
-RUNTIMES = {".pt": _TorchScriptRuntime, ".onnx": _OnnxRuntime}
-
-
 class ImageClassifier:
     """Subclasses define `preprocess_image(PIL image) -> uint8 array (what the model saw)`."""
 
@@ -157,11 +127,8 @@ class ImageClassifier:
         self.std = np.asarray(config["std"], np.float32)
         self.top_k = int(config.get("top_k", 3))
         path = os.path.join(context.system_properties["model_dir"], manifest["serializedFile"])
-        runtime = RUNTIMES.get(os.path.splitext(path)[1])
-        if runtime is None:
-            raise ValueError(f"no runtime for {path}: expected one of {', '.join(RUNTIMES)}")
-        self.runtime = runtime(path, int(config.get("threads", 1)))
-        self.format = config.get("format", os.path.splitext(path)[1].lstrip("."))
+        self.format = config["format"]
+        self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)))
         self.initialized = True
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:

@@ -61,7 +61,7 @@ def build_archive(settings: dict, model: str, version: str, fmt: str) -> dict:
         subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
                         "--model-name", model, "--version", version, "--serialized-file", str(serialized),
                         "--handler", str(HANDLERS / entry["handler"]),
-                        "--extra-files", str(HANDLERS / "base_classifier.py"),
+                        "--extra-files", f"{HANDLERS / 'base_classifier.py'},{HANDLERS / 'runtimes.py'}",
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{model}.mar", STORE / archive_name(model, version))
     weights = WEIGHTS_DIR / f"{model}.pt"

@@ -7,7 +7,7 @@ UI_PORT ?= 8501
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium grpc export archive serve stop ui demo test evaluate clean
+.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo test evaluate corrections clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
@@ -26,6 +26,9 @@ java:  # TorchServe's frontend needs Java 17
 
 chromium:  # the UI tests drive Debian's chromium through Playwright (no browser download)
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium)
+
+postgres:  # the prediction-log tests start a real PostgreSQL server
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q postgresql)
 
 serving/grpc_stubs/inference_pb2_grpc.py: .venv/.installed serving/generate_grpc.py
 	$(PY) -m serving.generate_grpc
@@ -59,11 +62,14 @@ ui: venv
 demo: serve ui
 	@echo "Open http://127.0.0.1:$(UI_PORT) to draw a digit; \`make stop\` stops everything."
 
-test: venv chromium grpc archive
+test: venv chromium postgres grpc archive
 	$(PY) -m pytest tests
 
 evaluate: venv
 	$(PY) -m training.evaluate --data-dir $(DATA_DIR)
+
+corrections: venv  # predictions users corrected, as a data set: make corrections MODEL=mnist_lenet5
+	$(PY) -m serving.corrections --model $(MODEL) --out data/corrections/$(MODEL)
 
 train-%: venv
 	$(PY) -m training.train --model $* --data-dir $(DATA_DIR) --ship

@@ -15,14 +15,17 @@ A bad request gets HTTP 400 with a message; the other requests of its batch are 
 """
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import logging
 import os
+import time
 
 import numpy as np
 from PIL import Image
 
+from prediction_log import PredictionLog, record_row, url_from_env
 from runtimes import load_runtime
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
@@ -65,7 +68,7 @@ def _payload_and_options(row: dict, headers: dict):
     return bytes(payload), options
 
 
-def _maybe_base64(payload: bytes) -> bytes:
+def image_bytes(payload: bytes) -> bytes:
     """Raw image bytes pass through; a data: URL or bare base64 text is decoded."""
     if payload.startswith(b"data:"):
         header, _, payload = payload.partition(b",")
@@ -79,9 +82,9 @@ def _maybe_base64(payload: bytes) -> bytes:
         raise BadInput("not an image: expected PNG, JPEG or WebP bytes, or base64 text of one") from None
 
 
-def decode_image(payload: bytes) -> Image.Image:
-    """Bytes -> a fully loaded PIL image, refusing non-images, truncated files and huge images quickly."""
-    data = _maybe_base64(payload)
+def decode_image(data: bytes) -> Image.Image:
+    """Image file bytes -> a fully loaded PIL image, refusing non-images, truncated files and huge
+    images (from the header, before decoding) quickly."""
     if not data:
         raise BadInput("empty image")
     try:
@@ -102,11 +105,20 @@ def decode_image(payload: bytes) -> Image.Image:
     return image
 
 
-def to_png_base64(pixels: np.ndarray) -> str:
-    """uint8 HxW or HxWx3 -> base64 PNG (what the model saw)."""
+def to_png(pixels: np.ndarray) -> bytes:
+    """uint8 HxW or HxWx3 -> PNG bytes (what the model saw)."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class Item:
+    """One request that passed preprocessing."""
+    pixels: np.ndarray  # what the model sees, uint8
+    options: dict
+    image: bytes  # the uploaded image file
+    client: str  # who asked (X-Client header), for the prediction log
 
 
 class ImageClassifier:
@@ -129,6 +141,8 @@ class ImageClassifier:
         path = os.path.join(context.system_properties["model_dir"], manifest["serializedFile"])
         self.format = config["format"]
         self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)))
+        url = url_from_env()
+        self.log = PredictionLog(url) if url else None
         self.initialized = True
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
@@ -150,18 +164,21 @@ class ImageClassifier:
         return {"top_k": top_k, "return_input": options.get("return_input", "false").lower() in ("1", "true", "yes")}
 
     def preprocess(self, data, context):
-        """-> (list of (pixels, options) or BadInput per request)."""
+        """-> one Item or BadInput per request."""
         items = []
         for i, row in enumerate(data):
+            headers = context.get_all_request_header(i)
             try:
-                payload, options = _payload_and_options(row, context.get_all_request_header(i))
-                items.append((self.preprocess_image(decode_image(payload)), self._options(options)))
+                payload, options = _payload_and_options(row, headers)
+                image = image_bytes(payload)
+                items.append(Item(self.preprocess_image(decode_image(image)), self._options(options), image,
+                                  headers.get("X-Client") or headers.get("x-client") or "api"))
             except BadInput as e:
                 items.append(e)
         return items
 
     def inference(self, items):
-        good = [item[0] for item in items if not isinstance(item, BadInput)]
+        good = [item.pixels for item in items if isinstance(item, Item)]
         if not good:
             return None
         return self.runtime(np.stack([self.to_tensor(p) for p in good]))
@@ -176,19 +193,34 @@ class ImageClassifier:
                 context.set_response_status(400, str(item), idx=i)
                 responses.append({"code": 400, "type": "BadInput", "message": str(item)})
                 continue
-            (pixels, options), p = item, probs[row]
+            p = probs[row]
             row += 1
-            order = np.argsort(-p)[: options["top_k"]]
+            order = np.argsort(-p)[: item.options["top_k"]]
             response = {
                 "model": self.model_name, "version": self.version, "format": self.format,
+                "request_id": context.request_ids[i],
                 "index": int(order[0]), "label": self.classes[order[0]], "confidence": float(p[order[0]]),
                 "top_k": [{"index": int(j), "label": self.classes[j], "probability": float(p[j])} for j in order],
             }
-            if options["return_input"]:
-                response["input_image"] = to_png_base64(pixels)
+            if item.options["return_input"]:
+                response["input_image"] = base64.b64encode(to_png(item.pixels)).decode("ascii")
             responses.append(response)
         return responses
 
+    def record(self, items, responses, latency_ms: float):
+        """Write the batch's successful predictions to the prediction log, in one transaction."""
+        rows = [record_row(r["request_id"], self.model_name, self.version, self.format, item.client, item.image,
+                           to_png(item.pixels), r, latency_ms)
+                for item, r in zip(items, responses) if isinstance(item, Item)]
+        try:
+            self.log.record(rows)
+        except Exception:  # a full disk or a lost database must not fail the predictions themselves
+            logging.getLogger(__name__).exception("prediction log: %d rows not recorded", len(rows))
+
     def handle(self, data, context):
+        start = time.perf_counter()
         items = self.preprocess(data, context)
-        return self.postprocess(items, self.inference(items), context)
+        responses = self.postprocess(items, self.inference(items), context)
+        if self.log is not None:
+            self.record(items, responses, (time.perf_counter() - start) * 1000)
+        return responses

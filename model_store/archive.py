@@ -27,6 +27,7 @@ from training.train import WEIGHTS_DIR
 STORE = Path(__file__).parent
 ROOT = STORE.parent
 HANDLERS = ROOT / "handlers"
+HANDLER_MODULES = ("base_classifier.py", "runtimes.py", "prediction_log.py")  # shipped beside every handler
 SERIALIZED = {"torchscript": "model.pt", "onnx": "model.onnx"}
 
 
@@ -61,7 +62,7 @@ def build_archive(settings: dict, model: str, version: str, fmt: str) -> dict:
         subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
                         "--model-name", model, "--version", version, "--serialized-file", str(serialized),
                         "--handler", str(HANDLERS / entry["handler"]),
-                        "--extra-files", f"{HANDLERS / 'base_classifier.py'},{HANDLERS / 'runtimes.py'}",
+                        "--extra-files", ",".join(str(HANDLERS / f) for f in HANDLER_MODULES),
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{model}.mar", STORE / archive_name(model, version))
     weights = WEIGHTS_DIR / f"{model}.pt"

@@ -51,10 +51,16 @@ def startup_models(store: Path = STORE) -> list[str]:
     return models
 
 
+def prediction_log_url(run_dir: Path = RUN_DIR) -> str:
+    """$PREDICTION_LOG_URL, else SQLite in the run folder (the embedded default)."""
+    return os.environ.get("PREDICTION_LOG_URL") or f"sqlite:///{Path(run_dir).resolve() / 'predictions.db'}"
+
+
 def _env(run_dir: Path) -> dict:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, TMPDIR=str(run_dir), LOG_LOCATION=str(logs), METRICS_LOCATION=str(logs))
+    return dict(os.environ, TMPDIR=str(run_dir), LOG_LOCATION=str(logs), METRICS_LOCATION=str(logs),
+                PREDICTION_LOG_URL=prediction_log_url(run_dir))
 
 
 def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,

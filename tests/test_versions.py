@@ -113,6 +113,7 @@ def test_rest_and_grpc_give_identical_predictions(lenet_server, mnist_or_drawn):
         for version in ("1.0", "1.1"):
             rest = lenet_server.predict("mnist_lenet5", image, version=version, top_k=10)
             over_grpc = grpc.predict("mnist_lenet5", image, version=version, top_k=10)
+            assert rest.pop("request_id") != over_grpc.pop("request_id")  # each request has its own id
             assert rest == over_grpc
     with pytest.raises(ServeError) as err:
         grpc.predict("mnist_lenet5", b"not an image")

@@ -12,13 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training.data import CLASSES, test_dataset, train_val_datasets
-from training.models import build_model, dataset_of
+from training.models import build_model, dataset_of, load_weights
 from training.report import plot_confusion, plot_curves, write_model_card
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -61,6 +62,9 @@ def get_args_parser():
     p.add_argument("--limit", type=int, default=0, help="use only this many train/val/test images (smoke runs)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from", help="start from these weights (fine-tuning), e.g. training/weights/<model>.pt")
+    p.add_argument("--extra-train", help="an .npz of extra training images and labels, e.g. from "
+                                         "`python -m serving.corrections` (user-corrected predictions)")
     p.add_argument("--ship", action="store_true", help="write training/weights/<model>.pt and its model card")
     return p
 
@@ -110,6 +114,18 @@ def _subset(ds, n):
     return ds
 
 
+def add_extra_training_images(train_ds, path):
+    """Append an .npz of uint8 images (N x H x W [x C]) and labels to the training split."""
+    extra = np.load(path)
+    images = torch.from_numpy(extra["images"])
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    if images.shape[1:] != train_ds.images.shape[1:]:
+        raise SystemExit(f"error: {path} holds {tuple(images.shape[1:])} images; the model trains on "
+                         f"{tuple(train_ds.images.shape[1:])}")
+    train_ds.images = torch.cat([train_ds.images, images])
+    train_ds.labels = torch.cat([train_ds.labels, torch.from_numpy(extra["labels"]).long()])
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -136,12 +152,14 @@ def main(args):
     train_ds, val_ds = train_val_datasets(dataset, args.data_dir, preset.val_size, args.seed, args.download)
     test_ds = test_dataset(dataset, args.data_dir, args.download)
     train_ds, val_ds, test_ds = (_subset(d, args.limit) for d in (train_ds, val_ds, test_ds))
+    if args.extra_train:
+        add_extra_training_images(train_ds, args.extra_train)
     train_loader = DataLoader(train_ds, preset.batch_size, shuffle=True, drop_last=True,
                               generator=torch.Generator().manual_seed(args.seed))
     val_loader = DataLoader(val_ds, 500)
     test_loader = DataLoader(test_ds, 500)
 
-    model = build_model(args.model)
+    model = load_weights(args.model, args.init_from).train() if args.init_from else build_model(args.model)
     if preset.bf16:
         model = model.to(memory_format=torch.channels_last)
     criterion = nn.CrossEntropyLoss(label_smoothing=preset.label_smoothing)

@@ -1,0 +1,193 @@
+"""Robustness: fuzzed input never escapes the handler as an exception; a killed worker is replaced."""
+import base64
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+from ts.context import Context, RequestProcessor
+
+from digit_handler import DigitHandler
+from drawing import draw_digit, png_bytes
+from image_handler import ImageHandler
+from model_store.archive import load_settings, model_config
+from optimize.export import EXPORT_DIR
+from serving import server
+from serving.client import ServeError
+from tests.conftest import start_torchserve
+
+
+def make_context(model: str, handler_config: dict) -> Context:
+    """A real TorchServe Context, as the worker builds it, for the in-process handler."""
+    manifest = {"model": {"modelName": model, "modelVersion": "fuzz", "serializedFile": "model.pt"}}
+    return Context(model, str(EXPORT_DIR / model), manifest, 8, None, "0.12.0",
+                   model_yaml_config={"handler": handler_config})
+
+
+def loaded(handler_class, model: str):
+    if not (EXPORT_DIR / model / "model.pt").exists():
+        pytest.fail(f"{model} is not exported: `make test` exports it")
+    config = model_config(load_settings(), model, "torchscript")["handler"]
+    handler = handler_class()
+    handler.initialize(make_context(model, config))
+    handler.log = None  # in-process: no prediction log
+    return handler
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return loaded(DigitHandler, "mnist_lenet5")
+
+
+def run(handler, rows: list[dict], headers: list[dict] | None = None):
+    context = make_context(handler.model_name, {})
+    context.request_ids = {i: f"req-{i}" for i in range(len(rows))}
+    context.request_processor = [RequestProcessor(h) for h in (headers or [{}] * len(rows))]
+    started = time.perf_counter()
+    responses = handler.handle(rows, context)
+    elapsed = time.perf_counter() - started
+    assert len(responses) == len(rows) and elapsed < 5, elapsed  # one answer per request, no hang
+    for i, response in enumerate(responses):
+        status = context.get_response_status(i)[0] or 200
+        if status == 400:
+            assert response["type"] == "BadInput" and response["message"]
+        else:
+            assert status == 200 and 0 <= response["index"] < 10 and 0 <= response["confidence"] <= 1
+    return responses
+
+
+def image_strategy():
+    modes = st.sampled_from(["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK"])
+    sizes = st.tuples(st.integers(1, 300), st.integers(1, 300))
+    formats = st.sampled_from(["PNG", "JPEG", "WEBP"])
+
+    @st.composite
+    def encoded(draw):
+        mode, (w, h), fmt = draw(modes), draw(sizes), draw(formats)
+        seed = draw(st.integers(0, 2 ** 16))
+        pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 4), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGBA").convert(mode)
+        buf = io.BytesIO()
+        try:
+            image.save(buf, format=fmt)
+        except (OSError, ValueError, KeyError):  # not every mode can be written in every format
+            image.convert("RGB").save(buf, format=fmt)
+        data = buf.getvalue()
+        cut = draw(st.sampled_from([None, None, len(data) // 2, 20]))  # sometimes truncated
+        return data if cut is None else data[:cut]
+    return encoded()
+
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.binary(max_size=4096))
+def test_random_bytes(digits, payload):
+    run(digits, [{"body": payload}])
+
+
+@FUZZ
+@given(image_strategy())
+def test_random_images_of_any_mode_size_and_format(digits, data):
+    run(digits, [{"body": data}, {"data": data}, {"file": data}])
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
+                 image_strategy().map(lambda b: "data:image/png;base64," + base64.b64encode(b).decode()[:-3])))
+def test_malformed_base64_and_data_urls(digits, text):
+    run(digits, [{"body": {"data": text}}, {"body": json.dumps({"data": text}).encode()}])
+
+
+@FUZZ
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children,
+                                                                                       max_size=3), max_leaves=10),
+       st.sampled_from(["top_k", "return_input", "X-Top-K"]), st.text(max_size=12))
+def test_malformed_json_and_options(digits, value, option, option_value):
+    good = base64.b64encode(png_bytes(draw_digit(7))).decode()
+    rows = [{"body": value}, {"body": {"data": good, option: option_value}},
+            {"body": json.dumps(value).encode() if not isinstance(value, str) else value.encode()}]
+    run(digits, rows, headers=[{}, {}, {option: option_value}])
+
+
+@settings(max_examples=40, deadline=None)
+@given(image_strategy())
+def test_cifar_handler_takes_any_image(data):
+    handler = ImageHandlerCache.get()
+    run(handler, [{"body": data}])
+
+
+class ImageHandlerCache:
+    handler = None
+
+    @classmethod
+    def get(cls):
+        if cls.handler is None:
+            cls.handler = loaded(ImageHandler, "cifar10_resnet18")
+        return cls.handler
+
+
+def test_decompression_bomb_is_refused_quickly(digits):
+    buf = io.BytesIO()
+    Image.new("L", (30000, 30000)).save(buf, format="PNG", optimize=True)  # ~1 MB file, 900 Mpx decoded
+    started = time.perf_counter()
+    (response,) = run(digits, [{"body": buf.getvalue()}])
+    elapsed = time.perf_counter() - started
+    assert elapsed < 1.0 and ("too large" in response["message"] or "pixels" in response["message"]), elapsed
+
+
+def test_a_killed_worker_is_replaced_and_service_resumes(tmp_path):
+    """SIGKILL the only worker under a steady stream of requests: TorchServe starts a new one. Reports how
+    many requests failed and how long until answers flowed again (the clients do not retry: a failed
+    request is reported to the caller, who decides)."""
+    client = start_torchserve(tmp_path, models=["mnist_lenet5=mnist_lenet5_v1.0.mar"])
+    image, log, stop = png_bytes(draw_digit(7)), [], threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                client.predict("mnist_lenet5", image)
+                log.append((time.time(), True))
+            except ServeError:
+                log.append((time.time(), False))
+
+    try:
+        threads = [threading.Thread(target=stream) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        (worker_pid,) = worker_pids(client)
+        killed_at = time.time()
+        os.kill(worker_pid, signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline and not any(ok and t > killed_at + 0.5 for t, ok in log[-50:]):
+            time.sleep(0.2)
+        time.sleep(2)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        failed = [t for t, ok in log if not ok]
+        back = min((t for t, ok in log if ok and t > max(failed, default=killed_at)), default=None)
+        new_pids = worker_pids(client)
+        print(f"worker killed: {len(failed)} of {len(log)} requests failed; answers again after "
+              f"{back - killed_at:.1f} s" if back else "never recovered")
+        assert back is not None and back - killed_at < 90
+        assert new_pids and worker_pid not in new_pids
+        assert client.predict("mnist_lenet5", image)["index"] == 7
+    finally:
+        stop.set()
+        server.stop(tmp_path)
+
+
+def worker_pids(client) -> list[int]:
+    return [w["pid"] for v in client.describe("mnist_lenet5") for w in v["workers"] if w.get("pid")]

@@ -8,9 +8,10 @@ A request carries one image in any of these forms:
   * the raw body (PNG, JPEG or WebP bytes),
   * a multipart/form-data field (any field name),
   * JSON {"data": "<base64 or data: URL>"}, as canvas demos post it.
-Options, as HTTP headers (X-Top-K, X-Return-Input: TorchServe 0.12 drops query parameters of
-predictions), JSON fields or multipart fields (top_k, return_input): top_k is 1..classes (default
-from the config); return_input=true makes the response carry the preprocessed image as a base64 PNG.
+Options, as HTTP headers (X-Top-K, X-Return-Input, X-Client: TorchServe 0.12 drops query
+parameters of predictions), JSON, multipart or gRPC input fields (top_k, return_input, client):
+top_k is 1..classes (default from the config); return_input=true makes the response carry the
+preprocessed image as a base64 PNG; client names the caller in the prediction log (default "api").
 A bad request gets HTTP 400 with a message; the other requests of its batch are served normally.
 """
 import base64
@@ -30,7 +31,7 @@ from runtimes import load_runtime
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
 ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
-OPTION_KEYS = {"top_k", "return_input"}
+OPTION_KEYS = {"top_k", "return_input", "client"}
 OPTION_HEADERS = {f"x-{k.replace('_', '-')}": k for k in OPTION_KEYS}  # X-Top-K -> top_k
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -118,7 +119,6 @@ class Item:
     pixels: np.ndarray  # what the model sees, uint8
     options: dict
     image: bytes  # the uploaded image file
-    client: str  # who asked (X-Client header), for the prediction log
 
 
 class ImageClassifier:
@@ -161,7 +161,8 @@ class ImageClassifier:
             raise BadInput(f"top_k must be an integer, got {options['top_k']!r}") from None
         if not 1 <= top_k <= len(self.classes):
             raise BadInput(f"top_k must be between 1 and {len(self.classes)}, got {top_k}")
-        return {"top_k": top_k, "return_input": options.get("return_input", "false").lower() in ("1", "true", "yes")}
+        return {"top_k": top_k, "return_input": options.get("return_input", "false").lower() in ("1", "true", "yes"),
+                "client": options.get("client") or "api"}  # who asked, for the prediction log
 
     def preprocess(self, data, context):
         """-> one Item or BadInput per request."""
@@ -171,8 +172,7 @@ class ImageClassifier:
             try:
                 payload, options = _payload_and_options(row, headers)
                 image = image_bytes(payload)
-                items.append(Item(self.preprocess_image(decode_image(image)), self._options(options), image,
-                                  headers.get("X-Client") or headers.get("x-client") or "api"))
+                items.append(Item(self.preprocess_image(decode_image(image)), self._options(options), image))
             except BadInput as e:
                 items.append(e)
         return items
@@ -209,8 +209,8 @@ class ImageClassifier:
 
     def record(self, items, responses, latency_ms: float):
         """Write the batch's successful predictions to the prediction log, in one transaction."""
-        rows = [record_row(r["request_id"], self.model_name, self.version, self.format, item.client, item.image,
-                           to_png(item.pixels), r, latency_ms)
+        rows = [record_row(r["request_id"], self.model_name, self.version, self.format, item.options["client"],
+                           item.image, to_png(item.pixels), r, latency_ms)
                 for item, r in zip(items, responses) if isinstance(item, Item)]
         try:
             self.log.record(rows)

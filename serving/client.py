@@ -39,7 +39,9 @@ def read_properties(path) -> dict:
 
 
 class TorchServeClient:
-    def __init__(self, inference_url: str, management_url: str, key_file, timeout: float = 10.0):
+    def __init__(self, inference_url: str, management_url: str, key_file, timeout: float = 10.0,
+                 client_name: str = "api"):
+        self.client_name = client_name  # sent as X-Client: the prediction log records who asked
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
         self.key_file = Path(key_file)
@@ -47,11 +49,12 @@ class TorchServeClient:
         self.session = requests.Session()
 
     @classmethod
-    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0):
+    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0,
+                    client_name: str = "api"):
         props = read_properties(config)
         return cls(os.environ.get("TS_INFERENCE_URL", props["inference_address"]),
                    os.environ.get("TS_MANAGEMENT_URL", props["management_address"]),
-                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout)
+                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
 
     def _key(self, kind: str) -> str:
         return read_key(self.key_file, kind)
@@ -81,6 +84,7 @@ class TorchServeClient:
         since TorchServe does not pass query parameters on to the handler."""
         path = f"{model}/{version}" if version else model
         headers = {f"X-{k.replace('_', '-').title()}": str(v).lower() for k, v in options.items()}
+        headers["X-Client"] = self.client_name
         return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference",
                              data=image, headers=headers)
 

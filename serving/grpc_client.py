@@ -24,19 +24,21 @@ HTTP_STATUS = {grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTI
 
 
 class GrpcClient:
-    def __init__(self, inference_target: str, management_target: str, key_file, timeout: float = 10.0):
-        self.key_file, self.timeout = key_file, timeout
+    def __init__(self, inference_target: str, management_target: str, key_file, timeout: float = 10.0,
+                 client_name: str = "api"):
+        self.key_file, self.timeout, self.client_name = key_file, timeout, client_name
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(inference_target))
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(management_target))
 
     @classmethod
-    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0):
+    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0,
+                    client_name: str = "api"):
         props = read_properties(config)
         host = props.get("grpc_inference_address", "127.0.0.1")
         return cls(os.environ.get("TS_GRPC_INFERENCE", f"{host}:{props['grpc_inference_port']}"),
                    os.environ.get("TS_GRPC_MANAGEMENT",
                                   f"{props.get('grpc_management_address', host)}:{props['grpc_management_port']}"),
-                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout)
+                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
 
     def _call(self, method, request, kind: str):
         try:
@@ -55,7 +57,9 @@ class GrpcClient:
         return json.loads(self._call(self.inference.Ping, empty_pb2.Empty(), "inference").health)["status"] == "Healthy"
 
     def predict(self, model: str, image: bytes, version: str | None = None, **options) -> dict:
-        """Options (top_k, return_input) travel as extra input fields, which the handler reads."""
+        """Options (top_k, return_input) and the client name travel as extra input fields, which the
+        handler reads (gRPC metadata does not reach it)."""
+        options = {"client": self.client_name, **options}
         inputs = {"data": image, **{k: str(v).lower().encode() for k, v in options.items()}}
         request = inference_pb2.PredictionsRequest(model_name=model, model_version=version or "", input=inputs)
         result = json.loads(self._call(self.inference.Predictions, request, "inference").prediction)

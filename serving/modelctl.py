@@ -146,7 +146,7 @@ def cmd_predict(client, args):
     image = Path(args.image).read_bytes()
     if args.grpc:
         from serving.grpc_client import GrpcClient
-        client = GrpcClient.from_config(key_file=client.key_file)
+        client = GrpcClient.from_config(key_file=client.key_file, client_name="cli")
     return client.predict(args.model, image, version=args.version, top_k=args.top_k)
 
 
@@ -186,7 +186,7 @@ def get_args_parser():
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    client = TorchServeClient.from_config(key_file=args.key_file)
+    client = TorchServeClient.from_config(key_file=args.key_file, client_name="cli")
     history = History(Path(client.key_file).parent / "default_history.json")
     commands = {"list": cmd_list, "describe": cmd_describe, "register": cmd_register, "unregister": cmd_unregister,
                 "scale": cmd_scale, "predict": cmd_predict,

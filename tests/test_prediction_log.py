@@ -1,6 +1,7 @@
 """The prediction log: every served prediction recorded once, in SQLite and in a real PostgreSQL."""
 import glob
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -112,3 +113,19 @@ def test_nothing_is_lost_on_a_clean_shutdown(tmp_path):
         server.stop(tmp_path)
     assert time.time() - started < 60
     assert PredictionLog(server.prediction_log_url(tmp_path)).count(client=tag) == len(answered) == 50
+
+
+def test_cli_and_grpc_predictions_are_recorded_with_their_client(torchserve, tmp_path, monkeypatch, capsys):
+    from serving import modelctl
+    from serving.grpc_client import GrpcClient
+    log = PredictionLog(server.prediction_log_url(torchserve.run_dir))
+    before = {name: log.count(client=name) for name in ("cli", "grpc-test")}
+    (tmp_path / "seven.png").write_bytes(png_bytes(draw_digit(7)))
+    monkeypatch.setenv("TS_INFERENCE_URL", torchserve.inference_url)
+    monkeypatch.setenv("TS_MANAGEMENT_URL", torchserve.management_url)
+    assert modelctl.main(["--json", "--key-file", str(torchserve.key_file), "predict", "mnist_lenet5",
+                          str(tmp_path / "seven.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["index"] == 7
+    grpc = GrpcClient.from_config(torchserve.run_dir / "config.properties", torchserve.key_file, client_name="grpc-test")
+    assert grpc.predict("mnist_lenet5", png_bytes(draw_digit(1)))["index"] == 1
+    assert log.count(client="cli") == before["cli"] + 1 and log.count(client="grpc-test") == before["grpc-test"] + 1

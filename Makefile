@@ -7,7 +7,7 @@ UI_PORT ?= 8501
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo test evaluate corrections clean
+.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo test test-prerequisites docs-screenshots evaluate corrections clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
@@ -56,14 +56,20 @@ ui: venv
 	@mkdir -p .run
 	@test ! -f .run/ui.pid || ! kill -0 $$(cat .run/ui.pid) 2>/dev/null || (echo "UI already runs"; exit 1)
 	nohup $(PY) -m streamlit run ui/app.py --server.address 127.0.0.1 --server.port $(UI_PORT) \
-		--server.headless true --browser.gatherUsageStats false > .run/ui.log 2>&1 & echo $$! > .run/ui.pid
+		--server.headless true --browser.gatherUsageStats false --client.toolbarMode minimal \
+		> .run/ui.log 2>&1 & echo $$! > .run/ui.pid
 	@echo "UI: http://127.0.0.1:$(UI_PORT)"
 
 demo: serve ui
 	@echo "Open http://127.0.0.1:$(UI_PORT) to draw a digit; \`make stop\` stops everything."
 
-test: venv chromium postgres grpc archive
+test-prerequisites: venv chromium postgres grpc archive
+
+test: test-prerequisites
 	$(PY) -m pytest tests
+
+docs-screenshots: test-prerequisites  # refresh docs/ui_*.png from a browser run
+	UPDATE_DOCS=1 $(PY) -m pytest tests/test_ui.py
 
 evaluate: venv
 	$(PY) -m training.evaluate --data-dir $(DATA_DIR)
@@ -76,3 +82,30 @@ train-%: venv
 
 clean: stop
 	rm -rf optimize/exported model_store/*.mar model_store/manifest.json .run
+
+# Serving formats (optimize/formats.py): `make archive` builds and validates every format models.yaml
+# lists; these measure them in-process (results/formats/). The quick run is the CI smoke run's size.
+.PHONY: bench-formats bench-formats-quick
+bench-formats: archive
+	$(PY) -m optimize.bench_formats
+
+bench-formats-quick: archive
+	$(PY) -m optimize.bench_formats --quick
+
+# Load tests (loadtest/) against the server `make serve` started; results in results/loadtest/<time>/.
+# e.g. make loadtest USERS=32 DURATION=30 PROTOCOL=grpc TARGETS="mnist_lenet5:1.1=1"
+USERS ?= 16
+SPAWN_RATE ?= 16
+DURATION ?= 60
+PROTOCOL ?= rest
+TARGETS ?=
+TARGET_ARG = $(if $(TARGETS),--targets "$(TARGETS)")
+.PHONY: loadtest loadtest-knee bench-serving
+loadtest: venv grpc
+	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) $(TARGET_ARG)
+
+loadtest-knee: venv grpc  # step load: the highest request rate whose p99 stays under the SLO
+	$(PY) -m loadtest.run --step --protocol $(PROTOCOL) $(TARGET_ARG)
+
+bench-serving: venv grpc archive  # the tuning sweep and the Flask baseline, side by side (~40 min): BENCHMARKS.md
+	$(PY) -m loadtest.bench

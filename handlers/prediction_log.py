@@ -5,12 +5,13 @@ a worker crash can lose at most the batch in flight (whose requests fail too), a
 shutdown loses nothing. Clients (UI, modelctl, the corrections export) read it with the same table.
 
 PREDICTION_LOG_URL selects the database: a SQLAlchemy URL such as sqlite:////abs/path/predictions.db
-(serving/server.py sets .run/predictions.db by default) or postgresql+psycopg://user@host/db;
+(serving/server.py sets <run dir>/predictions.db by default, see url_for_run_dir) or postgresql+psycopg://user@host/db;
 "off" or unset disables recording.
 """
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -49,6 +50,12 @@ def engine_for(url: str) -> sa.Engine:
             connection.execute("PRAGMA busy_timeout=10000")
     metadata.create_all(engine)
     return engine
+
+
+def url_for_run_dir(run_dir) -> str:
+    """$PREDICTION_LOG_URL, else SQLite beside a server's key file (the embedded default); clients
+    find the log of the server whose key file they use."""
+    return os.environ.get("PREDICTION_LOG_URL") or f"sqlite:///{Path(run_dir).resolve() / 'predictions.db'}"
 
 
 def url_from_env() -> str | None:

@@ -62,7 +62,7 @@ def engine_cache_key(onnx_path, trt) -> str:
     major, minor = torch.cuda.get_device_capability()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-")
     digest = hashlib.sha256(Path(onnx_path).read_bytes()).hexdigest()[:16]
-    return f"{gpu}_sm{major}{minor}_trt{trt.__version__}_{digest}_b1-{TRT_OPT_BATCH}-{TRT_MAX_BATCH}"
+    return f"{gpu}_cc{major}.{minor}_trt{trt.__version__}_{digest}_b1-{TRT_OPT_BATCH}-{TRT_MAX_BATCH}"
 
 
 def build_engine(onnx_path, trt) -> bytes:

@@ -2,10 +2,20 @@
 
     python -m model_store.archive            # every model of models.yaml that has an export
 
-Each archive holds the serialized model (TorchScript .pt or ONNX .onnx), the handler with
-base_classifier.py, and a model-config.yaml made of models.yaml's settings plus the training
-normalisation and class names. manifest.json lists what was archived (model, version, format,
-sha256 of the source weights, test accuracy from the model card, creation time).
+Each archive holds the serialized model of its format (optimize/formats.py: TorchScript, ONNX, bf16
+TorchScript, INT8 ONNX, fp16 ONNX for TensorRT), the handler with its shared modules, and a
+model-config.yaml made of models.yaml's settings plus the training normalisation and class names.
+
+Every format is validated before it is archived (optimize/validate.py: accuracy on the full test
+split, delta and top-1 agreement against eager fp32); one that loses more than 0.3 points, or that
+cannot be validated here (TensorRT without a GPU), is refused with the reason, and an older archive
+of that version is removed. Reduced-precision files missing from optimize/exported/ are built first.
+manifest.json lists what was archived (model, version, format, precision, whether TorchServe loads it
+at start, sha256 of the source weights, the validated accuracy, delta and agreement, creation time).
+
+A version in models.yaml is either `"1.1": onnx` (loaded at start) or
+`"1.3": {format: onnx_int8, load: false}`: archived, but left out of TorchServe's start-up set (each
+worker costs ~400 MB and start-up time); `python -m serving.modelctl register <archive>` serves it.
 """
 import argparse
 import hashlib
@@ -19,7 +29,9 @@ from pathlib import Path
 
 import yaml
 
+from optimize import validate
 from optimize.export import EXPORT_DIR
+from optimize.formats import BUILDERS, FORMATS, build, is_built, serialized_path
 from training.data import CLASSES, MEAN, STD
 from training.models import dataset_of
 from training.train import WEIGHTS_DIR
@@ -28,7 +40,6 @@ STORE = Path(__file__).parent
 ROOT = STORE.parent
 HANDLERS = ROOT / "handlers"
 HANDLER_MODULES = ("base_classifier.py", "runtimes.py", "prediction_log.py")  # shipped beside every handler
-SERIALIZED = {"torchscript": "model.pt", "onnx": "model.onnx"}
 
 
 def load_settings(path=STORE / "models.yaml") -> dict:
@@ -39,6 +50,16 @@ def archive_name(model: str, version: str) -> str:
     return f"{model}_v{version}.mar"
 
 
+def version_spec(value) -> tuple[str, bool]:
+    """A version's value in models.yaml -> (format, loaded at start)."""
+    spec = {"format": value} if isinstance(value, str) else dict(value)
+    unknown = set(spec) - {"format", "load"}
+    if unknown or spec.get("format") not in FORMATS:
+        raise ValueError(f"bad version entry {value!r} in models.yaml: expected a format ({', '.join(FORMATS)}) "
+                         "or {format: <format>, load: false}")
+    return spec["format"], bool(spec.get("load", True))
+
+
 def model_config(settings: dict, model: str, fmt: str) -> dict:
     dataset = dataset_of(model)
     handler = dict(settings["defaults"]["handler"], format=fmt, classes=list(CLASSES[dataset]),
@@ -46,15 +67,22 @@ def model_config(settings: dict, model: str, fmt: str) -> dict:
     return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
 
 
-def test_accuracy(model: str):
-    metrics = WEIGHTS_DIR / f"{model}_metrics.json"
-    return json.loads(metrics.read_text())["shipped_test_acc"] if metrics.exists() else None
+def admission(model: str, fmt: str, data_dir) -> tuple[dict | None, str | None]:
+    """(validation record, None) when `fmt` of `model` may be archived, else (None, why not)."""
+    try:
+        validate.check_available(fmt)
+        if fmt in BUILDERS and not is_built(model, fmt):  # missing, or built with an older recipe
+            build(model, fmt, data_dir)
+        record = validate.ensure_validated(model, fmt, data_dir)
+    except (validate.FormatUnavailable, FileNotFoundError) as e:
+        return None, str(e)
+    except RuntimeError as e:  # e.g. torchvision's "Dataset not found" when there is no data to validate on
+        return None, f"cannot build or validate {fmt}: {e}"
+    return (record, None) if record["passed"] else (None, record["reason"])
 
 
-def build_archive(settings: dict, model: str, version: str, fmt: str) -> dict:
-    serialized = EXPORT_DIR / model / SERIALIZED[fmt]
-    if not serialized.exists():
-        raise FileNotFoundError(f"{serialized} is missing: run `python -m optimize.export --model {model}`")
+def build_archive(settings: dict, model: str, version: str, fmt: str, load: bool, record: dict) -> dict:
+    serialized = serialized_path(model, fmt)
     entry = settings["models"][model]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model-config.yaml"
@@ -66,10 +94,13 @@ def build_archive(settings: dict, model: str, version: str, fmt: str) -> dict:
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{model}.mar", STORE / archive_name(model, version))
     weights = WEIGHTS_DIR / f"{model}.pt"
-    return dict(model=model, version=version, format=fmt, archive=archive_name(model, version),
-                default=version == entry["default"],
+    return dict(model=model, version=version, format=fmt, precision=FORMATS[fmt].precision,
+                archive=archive_name(model, version), default=version == entry["default"], load_at_start=load,
                 weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
-                test_accuracy=test_accuracy(model), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                test_accuracy=record["accuracy"], fp32_test_accuracy=record["fp32_accuracy"],
+                accuracy_delta_points=record["accuracy_delta_points"], top1_agreement=record["top1_agreement"],
+                agreement_images=record["agreement_images"], validated=record["validated"],
+                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
 def main(args):
@@ -83,16 +114,25 @@ def main(args):
         if not (EXPORT_DIR / model).exists():
             print(f"skip {model}: no export in {EXPORT_DIR / model} (no shipped weights yet?)")
             continue
-        for version, fmt in settings["models"][model]["versions"].items():
-            entry = build_archive(settings, model, version, fmt)
-            manifest = [m for m in manifest if (m["model"], m["version"]) != (model, version)] + [entry]
-            print(f"archived {entry['archive']} ({fmt})")
+        for version, value in settings["models"][model]["versions"].items():
+            fmt, load = version_spec(value)
+            manifest = [m for m in manifest if (m["model"], m["version"]) != (model, version)]
+            record, refused = admission(model, fmt, args.data_dir)
+            if refused:
+                (STORE / archive_name(model, version)).unlink(missing_ok=True)  # never serve a stale archive
+                print(f"refused {model} {version} ({fmt}): {refused}", file=sys.stderr)
+                continue
+            manifest.append(build_archive(settings, model, version, fmt, load, record))
+            print(f"archived {archive_name(model, version)} ({fmt}: {100 * record['accuracy']:.2f}%, "
+                  f"{record['accuracy_delta_points']:+.2f} points vs fp32){'' if load else ', not loaded at start'}")
     manifest_path.write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="model names (default: all in models.yaml)")
+    p.add_argument("--data-dir", default="../shared/data",
+                   help="test split for validation, training images for INT8 calibration")
     return p
 
 

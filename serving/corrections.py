@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from handlers.prediction_log import PredictionLog
-from serving.server import prediction_log_url
+from handlers.prediction_log import PredictionLog, url_for_run_dir
+from serving.server import RUN_DIR
 
 
 def export_corrections(log: PredictionLog, model: str, out: Path):
@@ -41,7 +41,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--log-url", default=prediction_log_url(), help="default $PREDICTION_LOG_URL or .run/predictions.db")
+    p.add_argument("--log-url", default=url_for_run_dir(RUN_DIR), help="default $PREDICTION_LOG_URL or .run/predictions.db")
     args = p.parse_args(argv)
     images, labels = export_corrections(PredictionLog(args.log_url), args.model, Path(args.out))
     if not len(labels):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import requests
 
-from model_store.archive import STORE, archive_name, load_settings
+from handlers.prediction_log import url_for_run_dir
+from model_store.archive import STORE, archive_name, load_settings, version_spec
 from serving.client import TorchServeClient, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,25 +43,24 @@ def write_config(run_dir: Path, store: Path, overrides: dict | None = None) -> P
 
 
 def startup_models(store: Path = STORE) -> list[str]:
-    """`name=archive` for every archived version, each model's default version first (TorchServe makes
-    the first version it loads the default)."""
+    """`name=archive` for every archived version not marked `load: false` in models.yaml, each model's
+    default version first (TorchServe makes the first version it loads the default). The others are
+    registered on demand: `python -m serving.modelctl register <archive>`."""
     settings, models = load_settings(), []
     for model, entry in settings["models"].items():
         versions = sorted(entry["versions"], key=lambda v: v != entry["default"])
-        models += [f"{model}={archive_name(model, v)}" for v in versions if (store / archive_name(model, v)).exists()]
+        models += [f"{model}={archive_name(model, v)}" for v in versions
+                   if version_spec(entry["versions"][v])[1] and (store / archive_name(model, v)).exists()]
     return models
-
-
-def prediction_log_url(run_dir: Path = RUN_DIR) -> str:
-    """$PREDICTION_LOG_URL, else SQLite in the run folder (the embedded default)."""
-    return os.environ.get("PREDICTION_LOG_URL") or f"sqlite:///{Path(run_dir).resolve() / 'predictions.db'}"
 
 
 def _env(run_dir: Path) -> dict:
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    return dict(os.environ, TMPDIR=str(run_dir), LOG_LOCATION=str(logs), METRICS_LOCATION=str(logs),
-                PREDICTION_LOG_URL=prediction_log_url(run_dir))
+    # TMPDIR holds TorchServe's pid file; TEMP becomes java.io.tmpdir, where the frontend puts the
+    # workers' sockets (.ts.sock.<port>): per run folder, so servers running side by side never meet.
+    return dict(os.environ, TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(logs),
+                METRICS_LOCATION=str(logs), PREDICTION_LOG_URL=url_for_run_dir(run_dir))
 
 
 def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,

@@ -27,6 +27,15 @@ def mnist_test():
     return images[:, 0].numpy(), labels.numpy()
 
 
+def shipped(model: str):
+    """The model's committed weights, or a skip while they are not trained yet."""
+    from training.train import WEIGHTS_DIR
+    weights = WEIGHTS_DIR / f"{model}.pt"
+    if not weights.exists():
+        pytest.skip(f"{model} has no shipped weights yet (training/weights/{model}.pt)")
+    return weights
+
+
 @pytest.fixture(scope="session")
 def cifar_test():
     if not (DATA_DIR / "cifar-10-batches-bin").exists():

@@ -17,7 +17,7 @@ import requests
 from PIL import Image
 
 from drawing import draw_digit, png_bytes
-from handlers.prediction_log import PredictionLog
+from handlers.prediction_log import PredictionLog, url_for_run_dir
 from serving import server
 from tests.conftest import free_port, start_torchserve
 
@@ -34,7 +34,7 @@ def send(client, images, tag, version=None):
 
 
 def test_every_successful_prediction_is_recorded_once(torchserve):
-    log = PredictionLog(server.prediction_log_url(torchserve.run_dir))
+    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
     tag = f"test-{uuid.uuid4().hex[:8]}"
     good = [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] * 25
     bad = [b"not an image"] * 10
@@ -53,7 +53,7 @@ def test_every_successful_prediction_is_recorded_once(torchserve):
 
 def test_a_user_correction_is_kept_and_exported(torchserve, tmp_path):
     from serving.corrections import export_corrections
-    log = PredictionLog(server.prediction_log_url(torchserve.run_dir))
+    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
     tag = f"test-{uuid.uuid4().hex[:8]}"
     (answer,) = send(torchserve, [png_bytes(draw_digit(7))], tag)
     assert log.correct(answer["request_id"], "1")
@@ -112,13 +112,13 @@ def test_nothing_is_lost_on_a_clean_shutdown(tmp_path):
         started = time.time()
         server.stop(tmp_path)
     assert time.time() - started < 60
-    assert PredictionLog(server.prediction_log_url(tmp_path)).count(client=tag) == len(answered) == 50
+    assert PredictionLog(url_for_run_dir(tmp_path)).count(client=tag) == len(answered) == 50
 
 
 def test_cli_and_grpc_predictions_are_recorded_with_their_client(torchserve, tmp_path, monkeypatch, capsys):
     from serving import modelctl
     from serving.grpc_client import GrpcClient
-    log = PredictionLog(server.prediction_log_url(torchserve.run_dir))
+    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
     before = {name: log.count(client=name) for name in ("cli", "grpc-test")}
     (tmp_path / "seven.png").write_bytes(png_bytes(draw_digit(7)))
     monkeypatch.setenv("TS_INFERENCE_URL", torchserve.inference_url)

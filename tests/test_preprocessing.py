@@ -10,6 +10,7 @@ from base_classifier import BadInput, decode_image
 from digit_handler import mnist_style
 from image_handler import cifar_style
 from drawing import draw_digit, png_bytes
+from tests.conftest import shipped
 from training.data import MEAN, STD
 from training.models import load_weights
 from training.train import WEIGHTS_DIR
@@ -114,7 +115,7 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_real_cifar10_images_at_any_size_are_recognised(cifar_test, fmt, size):
     """Real CIFAR-10 test images, enlarged and saved as PNG or JPEG as a user would upload them."""
     images, labels = cifar_test
-    model = load_weights("cifar10_resnet18", WEIGHTS_DIR / "cifar10_resnet18.pt")
+    model = load_weights("cifar10_resnet18", shipped("cifar10_resnet18"))
     n = 100
     seen = np.stack([cifar_style(decode_image(png_bytes(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC),
                                                         fmt))) for img in images[:n]])

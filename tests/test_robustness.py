@@ -22,7 +22,7 @@ from model_store.archive import load_settings, model_config
 from optimize.export import EXPORT_DIR
 from serving import server
 from serving.client import ServeError
-from tests.conftest import start_torchserve
+from tests.conftest import shipped, start_torchserve
 
 
 def make_context(model: str, handler_config: dict) -> Context:
@@ -33,6 +33,7 @@ def make_context(model: str, handler_config: dict) -> Context:
 
 
 def loaded(handler_class, model: str):
+    shipped(model)
     if not (EXPORT_DIR / model / "model.pt").exists():
         pytest.fail(f"{model} is not exported: `make test` exports it")
     config = model_config(load_settings(), model, "torchscript")["handler"]

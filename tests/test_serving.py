@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from drawing import draw_digit, png_bytes
+from tests.conftest import shipped
 from serving.client import ServeError
 from training.data import CIFAR10_CLASSES, MEAN, STD
 from training.models import load_weights
@@ -29,6 +30,8 @@ def post(client, model, **kwargs):
 def test_all_models_of_the_zoo_are_served_at_once(torchserve):
     from model_store.archive import load_settings
     expected = set(load_settings()["models"])
+    for model in expected:
+        shipped(model)
     assert set(torchserve.models()) == expected
     assert all(torchserve.ready_workers(m) >= 1 for m in expected)
     seven = png_bytes(draw_digit(7))
@@ -140,7 +143,7 @@ def test_served_predictions_agree_with_in_process_on_1000_mnist_test_images(torc
 def test_served_cifar10_accuracy_equals_in_process_on_500_test_images(torchserve, cifar_test):
     images, labels = cifar_test
     n = 500
-    model = load_weights("cifar10_resnet18", WEIGHTS_DIR / "cifar10_resnet18.pt")
+    model = load_weights("cifar10_resnet18", shipped("cifar10_resnet18"))
     with torch.no_grad():
         x = torch.from_numpy(images[:n]).permute(0, 3, 1, 2).float() / 255
         x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]

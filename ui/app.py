@@ -1,6 +1,6 @@
 """The web UI of the image-recognition service: `make ui` runs it (streamlit run ui/app.py).
 
-Pages: draw a digit, upload a photo, the served models, this session's history. Every answer comes
+Pages: draw a digit, upload a photo, the served models, the history of predictions (the log). Every answer comes
 from TorchServe (serving/client.py: its addresses from config.properties or TS_* variables).
 """
 import sys

@@ -1,6 +1,7 @@
-"""The overview pages: the served models (and their default versions), and this session's history."""
+"""The overview pages: the served models (and their default versions), and the prediction log."""
 import json
 from collections import Counter
+from datetime import datetime
 
 import pandas as pd
 import streamlit as st
@@ -9,8 +10,8 @@ from ui import shared
 
 WEIGHTS = shared.ROOT / "training" / "weights"
 MANIFEST = shared.ROOT / "model_store" / "manifest.json"
-HISTORY_COLUMNS = {"Input": 1, "Time": 1.2, "Model": 2.2, "Version": 1, "Result": 1.4, "Confidence": 1.3,
-                   "Latency": 1.1}
+HISTORY_COLUMNS = {"Input": 1, "Time": 1.1, "Model": 2.4, "Client": 1, "Result": 1.3, "Confidence": 1.2,
+                   "Handler": 1, "": 1}
 
 
 def models_page():
@@ -22,7 +23,8 @@ def models_page():
     served = shared.attempt(shared.client().models)
     if served is None:
         return
-    archives = {(a["model"], a["version"]): a for a in json.loads(MANIFEST.read_text())} if MANIFEST.exists() else {}
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else []  # absent until `make archive`
+    archives = {(a["model"], a["version"]): a for a in manifest}
     for model in served:
         model_section(model, archives)
 
@@ -34,15 +36,15 @@ def model_section(model: str, archives: dict):
         return
     with st.container(border=True, key=f"model_{model}"):
         st.subheader(model)
-        facts, curves = st.columns([3, 2], gap="large")
+        facts, curves = st.columns(2, gap="large")
         with facts:
             st.markdown(f"Default version: **{default}**")
             st.table(version_table(model, versions, default, archives))
             st.caption(model_card_line(model))
-            default_switch(model, [v["modelVersion"] for v in versions], default)
         curve = WEIGHTS / f"{model}_curves.png"
         if curve.exists():
             curves.image(str(curve), caption="Training curves, from the model card")
+        default_switch(model, [v["modelVersion"] for v in versions], default)
 
 
 def version_table(model: str, versions: list[dict], default: str, archives: dict) -> pd.DataFrame:
@@ -74,12 +76,11 @@ def default_switch(model: str, versions: list[str], default: str):
     others = [v for v in versions if v != default]
     if not others:
         return
-    choice, confirm, button = st.columns([1, 2, 1], vertical_alignment="bottom")
-    # The keys carry the default, so that the widgets start afresh once it has changed.
-    new = choice.radio("New default", others, horizontal=True, key=f"new_default_{model}_{default}")
-    confirmed = confirm.checkbox(f"Yes, serve {model} {new} to requests without a version",
-                                 key=f"confirm_default_{model}_{default}")
-    button.button("Set default", disabled=not confirmed, on_click=set_default, args=(model, new),
+    with st.container(horizontal=True, vertical_alignment="bottom", gap="medium"):
+        # The keys carry the default, so that the widgets start afresh once it has changed.
+        new = st.radio("New default version", others, horizontal=True, key=f"new_default_{model}_{default}")
+        confirmed = st.checkbox(f"Yes, make {new} the default", key=f"confirm_default_{model}_{default}")
+        st.button("Set default", disabled=not confirmed, on_click=set_default, args=(model, new),
                   key=f"set_default_{model}")
 
 
@@ -93,25 +94,40 @@ def set_default(model: str, version: str):
 
 def history_page():
     st.title("History")
-    history = st.session_state.get("history", [])
-    if not history:
-        st.info("No predictions yet in this session: draw a digit or upload a photo.", icon=":material/history:")
+    log = shared.prediction_log()
+    if log is None:
+        st.info("The prediction log is off (PREDICTION_LOG_URL=off).", icon=":material/history:")
         return
-    st.caption(f"The last {len(history)} predictions of this session, newest first "
-               f"(at most {shared.HISTORY_LENGTH}).")
+    mine = st.toggle("Only this UI's predictions", key="history_mine")
+    try:
+        rows = log.recent(limit=shared.HISTORY_LENGTH, client="ui" if mine else None)
+    except shared.LOG_ERRORS as e:
+        st.error(f"The prediction log cannot be read: {e}", icon=":material/error:")
+        return
+    if not rows:
+        st.info("No predictions yet: draw a digit or upload a photo.", icon=":material/history:")
+        return
+    st.caption(f"The last {len(rows)} predictions TorchServe served ({'this UI' if mine else 'every client'}), "
+               f"newest first, from the prediction log. Mark a wrong one with the right label: "
+               f"`make corrections MODEL=...` exports them for fine-tuning.")
     for column, name in zip(st.columns(list(HISTORY_COLUMNS.values())), HISTORY_COLUMNS):
         column.markdown(f"**{name}**")
-    for i, entry in enumerate(history):
-        history_row(i, entry)
+    for i, row in enumerate(rows):
+        history_row(i, row, log)
 
 
-def history_row(i: int, entry: dict):
+def history_row(i: int, row: dict, log):
     with st.container(key=f"history_{i}"):
         cells = st.columns(list(HISTORY_COLUMNS.values()), vertical_alignment="center")
-        cells[0].image(shared.enlarged(entry["input_png"], 56))
-        cells[1].write(entry["time"].strftime("%H:%M:%S"))
-        cells[2].write(entry["model"])
-        cells[3].write(entry["version"])
-        cells[4].write(f"**{entry['label']}**")
-        cells[5].write(f"{entry['confidence']:.1%}")
-        cells[6].write(f"{entry['latency_ms']:.0f} ms")
+        cells[0].image(shared.enlarged(row["model_input_png"], 56))
+        cells[1].write(datetime.fromtimestamp(row["created"]).strftime("%H:%M:%S"))
+        cells[2].write(f"{row['model']} {row['version']}")
+        cells[3].write(row["client"])
+        cells[4].write(f"**{row['label']}**" + (f" → {row['true_label']}" if row["true_label"] else ""))
+        cells[5].write(f"{row['confidence']:.1%}")
+        cells[6].write(f"{row['latency_ms']:.0f} ms")
+        with cells[7].popover("Wrong?"):
+            right = st.selectbox("Right label", shared.class_names(row["model"]), key=f"right_{i}")
+            if st.button("Save", key=f"save_{i}"):
+                log.correct(row["request_id"], right)
+                st.rerun()

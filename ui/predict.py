@@ -21,14 +21,15 @@ def draw_page():
     with pad:
         canvas, predict_now, live = drawing_pad()
     with answer:
+        image = canvas.image_bytes
         strokes = len((canvas.json_data or {}).get("objects", []))
-        if canvas.image_bytes and (predict_now or (live and strokes)):
-            # The canvas PNG goes as it is (transparent background): the handler reads alpha as ink.
-            shared.predict("draw", model, version, canvas.image_bytes, top_k=10, force=predict_now)
-        result = shared.last_result("draw")
+        # The canvas PNG goes as it is (transparent background): the handler reads alpha as ink.
+        asked = image is not None and (predict_now or (live and strokes > 0))
+        result = (shared.predict("draw", model, version, image, top_k=10, force=predict_now) if asked
+                  else shared.answered("draw", model, version, image, top_k=10))
         if result:
             digit_result(result)
-        elif not predict_now:
+        elif not asked:
             st.info("Draw one digit, large and centred, then press **Predict**.", icon=":material/draw:")
 
 
@@ -50,7 +51,6 @@ def drawing_pad():
 
 def clear_canvas():
     st.session_state.canvas_generation += 1
-    st.session_state.pop("draw_result", None)
 
 
 def digit_result(result: dict):

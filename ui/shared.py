@@ -1,22 +1,23 @@
 """What the pages share: the TorchServe client, its errors as messages, the model and version pickers,
-the prediction call and the session's history."""
+the prediction call and the prediction log."""
 import base64
 import hashlib
 import io
 import time
-from datetime import datetime
 from pathlib import Path
 
 import requests
+import sqlalchemy.exc
 import streamlit as st
 import yaml
 from PIL import Image
 
+from handlers.prediction_log import PredictionLog, url_for_run_dir
 from serving.client import ServeError, TorchServeClient
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_YAML = ROOT / "model_store" / "models.yaml"
-HISTORY_LENGTH = 50
+HISTORY_LENGTH = 50  # rows of the prediction log on the History page
 # A worker answers in milliseconds; the margin is for a busy two-core machine, and stays under
 # TorchServe's own 30 s response timeout so that its message, not ours, explains a stuck worker.
 TIMEOUT_S = 20
@@ -24,10 +25,24 @@ TIMEOUT_S = 20
 
 @st.cache_resource
 def client() -> TorchServeClient:
-    return TorchServeClient.from_config(timeout=TIMEOUT_S)
+    return TorchServeClient.from_config(timeout=TIMEOUT_S, client_name="ui")  # the prediction log's caller
 
 
 SERVE_ERRORS = (ServeError, requests.RequestException)
+LOG_ERRORS = (sqlalchemy.exc.SQLAlchemyError,)
+
+
+@st.cache_resource
+def prediction_log() -> PredictionLog | None:
+    """The log TorchServe writes: $PREDICTION_LOG_URL, else predictions.db beside the server's key file."""
+    url = url_for_run_dir(Path(client().key_file).parent)
+    return None if url == "off" else PredictionLog(url)
+
+
+def class_names(model: str) -> list[str]:
+    from training.data import CLASSES  # torchvision: imported only when the History page needs it
+    from training.models import dataset_of
+    return list(CLASSES[dataset_of(model)])
 
 
 def explain(error: Exception, subject: str) -> str:
@@ -36,8 +51,8 @@ def explain(error: Exception, subject: str) -> str:
         return f"Talking to TorchServe failed: {error}"
     if error.status is None:  # unreachable or too slow: the client's message already says so
         return error.message
-    if error.status == 400:
-        return f"{subject} could not use this image: {error.message}"
+    if error.status == 400:  # the handler's reason (blank image, not an image, ...) or a refused token
+        return f"{subject} refused the request: {error.message}"
     if error.status == 404:
         return f"{subject} is not loaded on TorchServe ({error.message})."
     if error.status == 503:
@@ -102,14 +117,11 @@ def pick_model(handler: str, page: str) -> tuple[str, str] | None:
 
 
 def predict(page: str, model: str, version: str, image: bytes, top_k: int, force: bool = True) -> dict | None:
-    """Ask TorchServe, remember the answer as the page's result and in the history. Without `force`,
-    the same request as the page's last one is answered from the session: Streamlit reruns the whole
-    page on every click, and that should not send (and log) the same prediction again."""
-    request = (model, version, top_k, hashlib.sha256(image).hexdigest())
-    last = st.session_state.get(f"{page}_result")
-    if not force and last and last[0] == request:
-        return last[1]
-    st.session_state.pop(f"{page}_result", None)
+    """Ask TorchServe and remember the answer as the page's result (TorchServe logs it). Without
+    `force`, the page's last answer to the same request is reused: Streamlit reruns the whole page on
+    every click, and that should not send (and log) the same prediction again."""
+    if not force and (result := answered(page, model, version, image, top_k)):
+        return result
     start = time.perf_counter()
     result = attempt(client().predict, model, image, version, top_k=top_k, return_input=True,
                      subject=f"{model} {version}")
@@ -117,20 +129,20 @@ def predict(page: str, model: str, version: str, image: bytes, top_k: int, force
         return None
     result["latency_ms"] = (time.perf_counter() - start) * 1000
     result["input_png"] = base64.b64decode(result.pop("input_image"))
-    st.session_state[f"{page}_result"] = (request, result)
-    remember(result)
+    st.session_state[f"{page}_result"] = (_request(model, version, image, top_k), result)
     return result
 
 
-def last_result(page: str) -> dict | None:
+def answered(page: str, model: str, version: str, image: bytes | None, top_k: int) -> dict | None:
+    """The page's last result if it answers this very request (not an older drawing or model)."""
     last = st.session_state.get(f"{page}_result")
-    return last[1] if last else None
+    if image is None or last is None or last[0] != _request(model, version, image, top_k):
+        return None
+    return last[1]
 
 
-def remember(result: dict):
-    history = st.session_state.setdefault("history", [])
-    history.insert(0, {"time": datetime.now(), **result})
-    del history[HISTORY_LENGTH:]
+def _request(model: str, version: str, image: bytes, top_k: int) -> tuple:
+    return model, version, top_k, hashlib.sha256(image).hexdigest()
 
 
 def enlarged(png: bytes, size: int) -> Image.Image:

@@ -1,0 +1,261 @@
+"""The Streamlit UI in a real browser (Debian's chromium driven by Playwright) against a real TorchServe.
+
+The module starts a TorchServe of its own (the last test stops it) and Streamlit on free ports, and
+opens one browser page whose Streamlit session lasts through the tests, as a visitor's would.
+Screenshots of the pages go to tests/artifacts/ and, reduced, to docs/ for the README.
+"""
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+from playwright.sync_api import expect, sync_playwright
+
+from drawing import STROKES
+from serving import server
+from tests.conftest import ARTIFACTS, ROOT, free_port, start_torchserve
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+REST = (1270, 890)  # a mouse position that hovers over nothing (hover shows toolbars in screenshots)
+WAIT_MS = 60_000  # a Streamlit rerun plus a prediction, on two cores shared with training
+DOCS = ROOT / "docs"
+DOCS_WIDTH = 1000
+DOCS_MAX_BYTES = 200_000
+DIGIT_MODEL, CIFAR_MODEL = "mnist_lenet5", "cifar10_resnet18"
+# serving/client.py's messages for a stopped server: TorchServe removes its key file when it stops.
+SERVER_DOWN = re.compile(r"no TorchServe key file at .*: is TorchServe running|TorchServe is not reachable")
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM}: `make chromium` installs it")
+
+
+@pytest.fixture(scope="module")
+def ui_server(tmp_path_factory):
+    """A TorchServe for this module alone, since its last test stops it."""
+    run_dir = tmp_path_factory.mktemp("ui_torchserve")
+    try:
+        yield start_torchserve(run_dir)
+    finally:
+        server.stop(run_dir)
+
+
+@pytest.fixture(scope="module")
+def ui_url(ui_server, tmp_path_factory):
+    """Streamlit running ui/app.py against ui_server, as `make ui` runs it."""
+    port, log_path = free_port(), tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    env = dict(os.environ, TS_INFERENCE_URL=ui_server.inference_url, TS_MANAGEMENT_URL=ui_server.management_url,
+               TS_KEY_FILE=str(ui_server.key_file))
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "ui/app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Streamlit exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/_stcore/health", timeout=5).text == "ok":
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"Streamlit not healthy after {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ui(ui_url):
+    """One browser tab on the UI; its Streamlit session (and so the history) lasts through the module."""
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(ui_url)
+        yield page
+        browser.close()
+
+
+def settle(page):
+    """Wait for the end of the Streamlit run in progress: widgets mount while it runs."""
+    expect(page.get_by_test_id("stApp")).to_have_attribute("data-test-script-state", "notRunning")
+
+
+def go(page, title: str):
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title, exact=True).click()
+    expect(page.get_by_role("heading", level=1)).to_contain_text(title)
+    settle(page)
+
+
+def draw(page, digit: int):
+    """Mouse strokes of `digit` (tests/drawing.py) across the middle of the canvas, as a person draws."""
+    box = page.locator("canvas.upper-canvas").bounding_box()
+    for stroke in STROKES[digit]:
+        points = [(box["x"] + (0.2 + 0.6 * x) * box["width"], box["y"] + (0.1 + 0.8 * y) * box["height"])
+                  for x, y in stroke]
+        page.mouse.move(*points[0])
+        page.mouse.down()
+        for point in points[1:]:
+            page.mouse.move(*point, steps=12)
+        page.mouse.up()
+    page.mouse.move(*REST)
+
+
+def draw_and_predict(page, digit: int):
+    """On an empty canvas: draw, wait until Streamlit has the drawing (Predict turns on), predict."""
+    predict = page.get_by_role("button", name="Predict")
+    expect(predict).to_be_disabled()
+    settle(page)
+    draw(page, digit)
+    expect(predict).to_be_enabled()
+    predict.click()
+
+
+def clear(page):
+    page.get_by_role("button", name="Clear").click()
+    expect(page.locator(".st-key-digit")).to_have_count(0)  # the result went with the drawing
+    settle(page)
+
+
+def predicted_digit(page):
+    return page.locator(".st-key-digit").get_by_test_id("stMetricValue")
+
+
+def screenshot(page, name: str):
+    """tests/artifacts/ui_<name>.png (git-ignored); with UPDATE_DOCS=1 (`make docs-screenshots`) also a
+    reduced copy in docs/ for the README, so that ordinary test runs leave the committed files alone."""
+    settle(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.mouse.move(*REST)
+    page.screenshot(path=ARTIFACTS / f"ui_{name}.png", full_page=True)
+    image = Image.open(ARTIFACTS / f"ui_{name}.png").convert("RGB")
+    small = image.resize((DOCS_WIDTH, round(image.height * DOCS_WIDTH / image.width)), Image.Resampling.LANCZOS)
+    small = small.quantize(256)  # flat UI colours: a palette keeps the PNG small without visible loss
+    buf = io.BytesIO()
+    small.save(buf, format="PNG", optimize=True)
+    assert len(buf.getvalue()) < DOCS_MAX_BYTES
+    if os.environ.get("UPDATE_DOCS") == "1":
+        (DOCS / f"ui_{name}.png").write_bytes(buf.getvalue())
+
+
+def test_drawn_digits_are_recognised_and_listed_in_history(ui):
+    go(ui, "Draw a digit")
+    draw_and_predict(ui, 1)
+    expect(predicted_digit(ui)).to_have_text("1")
+    clear(ui)
+    draw_and_predict(ui, 7)
+    expect(predicted_digit(ui)).to_have_text("7")
+    expect(ui.get_by_test_id("stMetric").filter(has_text="Confidence")).to_contain_text(re.compile(r"\d+\.\d%"))
+    expect(ui.get_by_test_id("stMetric").filter(has_text="Round trip")).to_contain_text(re.compile(r"\d+ ms"))
+    expect(ui.get_by_text(f"{DIGIT_MODEL} version 1.0")).to_be_visible()
+    expect(ui.get_by_test_id("stImage")).to_be_visible()  # the 28x28 input, enlarged
+    screenshot(ui, "draw")
+
+    go(ui, "History")
+    newest, older = ui.locator(".st-key-history_0"), ui.locator(".st-key-history_1")
+    expect(newest).to_contain_text(DIGIT_MODEL)
+    expect(newest).to_contain_text("ui")  # the caller, as the prediction log recorded it
+    expect(newest.locator("strong")).to_have_text("7")
+    expect(older.locator("strong")).to_have_text("1")
+    expect(newest.get_by_test_id("stImage")).to_be_visible()
+
+
+def test_a_prediction_marked_wrong_keeps_the_right_label(ui, ui_server):
+    from handlers.prediction_log import PredictionLog, url_for_run_dir
+    go(ui, "History")
+    newest = ui.locator(".st-key-history_0")
+    newest.get_by_role("button", name="Wrong?").click()
+    ui.get_by_test_id("stPopoverBody").get_by_test_id("stSelectbox").click()
+    ui.get_by_role("option", name="4", exact=True).click()
+    ui.get_by_test_id("stPopoverBody").get_by_role("button", name="Save").click()
+    expect(ui.locator(".st-key-history_0")).to_contain_text("→ 4")
+    (row,) = PredictionLog(url_for_run_dir(ui_server.run_dir)).recent(limit=1)
+    assert row["true_label"] == "4"
+
+
+def test_blank_canvas_gets_the_handler_message(ui):
+    go(ui, "Draw a digit")
+    draw_and_predict(ui, 1)
+    expect(predicted_digit(ui)).to_have_text("1")
+    ui.get_by_role("button", name="Reset canvas & history").click()  # the canvas's own toolbar
+    expect(ui.locator(".st-key-digit")).to_have_count(0)  # Streamlit has the blank drawing
+    ui.get_by_role("button", name="Predict").click()
+    expect(ui.get_by_test_id("stAlertContentError")).to_contain_text("blank image")
+    expect(ui.get_by_test_id("stException")).to_have_count(0)
+    clear(ui)
+
+
+def test_uploaded_photo_gets_a_cifar10_class(ui, ui_server, cifar_test, tmp_path):
+    if CIFAR_MODEL not in ui_server.models():
+        pytest.skip(f"TorchServe does not serve {CIFAR_MODEL}: no archive yet (train it, then `make archive`)")
+    from training.data import CIFAR10_CLASSES
+    images, _ = cifar_test
+    photo = tmp_path / "cifar10_test_0.png"
+    Image.fromarray(images[0]).save(photo)
+    go(ui, "Upload a photo")
+    ui.locator("[data-testid=stFileUploader] input[type=file]").set_input_files(photo)
+    expect(ui.get_by_test_id("stMetricValue")).to_have_text(re.compile("^(" + "|".join(CIFAR10_CLASSES) + ")$"))
+    expect(ui.get_by_test_id("stProgress")).to_have_count(3)  # the top 3
+    expect(ui.get_by_text("As the model saw it")).to_be_visible()
+    screenshot(ui, "upload")
+
+
+def test_new_default_version_serves_the_next_prediction(ui, ui_server):
+    go(ui, "Models")
+    section = ui.locator(f".st-key-model_{DIGIT_MODEL}")
+    expect(section).to_contain_text("Default version: 1.0")
+    expect(section.locator("table")).to_contain_text("onnx")
+    screenshot(ui, "models")
+    set_default = section.get_by_role("button", name="Set default")
+    expect(set_default).to_be_disabled()  # until confirmed
+    try:
+        section.get_by_test_id("stRadio").get_by_text("1.1", exact=True).click()
+        section.get_by_text("Yes, make 1.1 the default").click()
+        set_default.click()
+        expect(ui.get_by_test_id("stAlertContentSuccess")).to_contain_text("version 1.1 is now the default")
+        expect(section).to_contain_text("Default version: 1.1")
+        assert ui_server.default_version(DIGIT_MODEL) == "1.1"
+
+        go(ui, "Draw a digit")
+        version = ui.get_by_test_id("stRadio").filter(has_text="Version")
+        expect(version.locator("label:has(input:checked)")).to_have_text("1.1 (default)")
+        draw_and_predict(ui, 7)
+        expect(predicted_digit(ui)).to_have_text("7")
+        expect(ui.get_by_text(f"{DIGIT_MODEL} version 1.1 (onnx)")).to_be_visible()
+        clear(ui)
+        go(ui, "History")
+        expect(ui.locator(".st-key-history_0")).to_contain_text("1.1")
+        screenshot(ui, "history")
+    finally:
+        ui_server.set_default(DIGIT_MODEL, "1.0")
+
+
+def test_stopped_server_shows_an_error_not_a_traceback(ui, ui_server):
+    """Last: it stops the module's TorchServe."""
+    server.stop(ui_server.run_dir)
+    for title in ("Models", "Draw a digit"):
+        go(ui, title)
+        expect(ui.get_by_test_id("stAlertContentError")).to_contain_text(SERVER_DOWN)
+        expect(ui.get_by_test_id("stException")).to_have_count(0)
+    expect(ui.get_by_test_id("stSidebar")).to_contain_text("TorchServe is not answering")

@@ -1,0 +1,202 @@
+"""Serving formats beyond export.py's fp32 ones, built from the shipped weights.
+
+    python -m optimize.formats --model mnist_lenet5 --data-dir ../shared/data   # the formats built here
+
+`make archive` runs this (and optimize.validate) itself for every format models.yaml lists.
+
+FORMATS names every format a version in model_store/models.yaml can use; the name is what the
+handler reads from model-config (`format`) to pick its runtime in handlers/runtimes.py.
+  * torchscript, onnx: fp32, written and parity-checked by optimize.export.
+  * torchscript_bf16: the model traced under CPU bf16 autocast in channels_last and frozen, so the
+    bf16 weights and casts are constants of the graph and TorchScriptRuntime runs it unchanged.
+  * onnx_int8: ONNX Runtime static quantisation of model.onnx after quant_pre_process (shape
+    inference + graph optimisation), activations calibrated on training images (never test images).
+  * tensorrt_fp16: an fp16 ONNX graph with fp32 inputs/outputs (what TensorRT 11's strongly typed
+    networks need; 10.x accepts it too). The engine is built from it on the GPU it will run on, by
+    TensorRTRuntime (handlers/runtimes.py) when it is first loaded there, never here.
+Files land in optimize/exported/<model>/ beside model.pt and model.onnx, each with the recipe it was
+built with (<file>.recipe.json), so a changed recipe rebuilds it.
+"""
+import argparse
+import dataclasses
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from optimize.export import EXPORT_DIR, INPUT_SHAPE, export_onnx
+from training.data import load_split, normalize
+from training.models import dataset_of, load_weights
+from training.train import WEIGHTS_DIR
+
+# ONNX Runtime static INT8. QDQ, ONNX Runtime's recommended format: its graph optimiser fuses the Q/DQ
+# pairs into QLinearConv/QLinearAdd/QGemm, giving the same graph (and speed) as QOperator here, while
+# other runtimes can still read it. U8 activations x S8 weights is the AVX512-VNNI fast path;
+# per-channel weight scales keep the thin first and last layers accurate.
+INT8_RECIPE = {
+    "quant_format": "QDQ",
+    "activation_type": "QUInt8",
+    "weight_type": "QInt8",
+    "per_channel": True,
+    "calibrate_method": "MinMax",
+    "calibration_images": 512,  # random training images (seeded)
+    "calibration_batch": 64,  # images per calibration call
+    "calibration_seed": 0,
+}
+BF16_RECIPE = {"autocast": "bfloat16", "memory_format": "channels_last", "export": "torch.jit.trace + freeze"}
+FP16_ONNX_RECIPE = {"weights": "float16", "io": "float32", "export": "torch.onnx dynamo"}
+# Export.py's formats; recorded so a validation record names what it certified.
+FP32_RECIPES = {"torchscript": {"export": "torch.jit.trace + freeze"},
+                "onnx": {"export": "torch.onnx dynamo", "runtime": "ORT_ENABLE_ALL"}}
+
+
+@dataclasses.dataclass
+class Format:
+    filename: str  # serialized file in optimize/exported/<model>/ and in the archive
+    precision: str  # arithmetic of the convolutions and matmuls: fp32, bf16, int8 or fp16
+    device: str  # "cpu" or "cuda": where it can be validated and served
+    recipe: dict  # what shapes the file; a validation record holds for these weights and this recipe only
+
+
+FORMATS = {
+    "torchscript": Format("model.pt", "fp32", "cpu", FP32_RECIPES["torchscript"]),
+    "onnx": Format("model.onnx", "fp32", "cpu", FP32_RECIPES["onnx"]),
+    "torchscript_bf16": Format("model_bf16.pt", "bf16", "cpu", BF16_RECIPE),
+    "onnx_int8": Format("model_int8.onnx", "int8", "cpu", INT8_RECIPE),
+    "tensorrt_fp16": Format("model_fp16.onnx", "fp16", "cuda", FP16_ONNX_RECIPE),
+}
+
+
+class Bf16Autocast(torch.nn.Module):
+    """fp32 NCHW in, fp32 logits out; bf16 channels_last inside (oneDNN's fast layout for bf16 convs)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+class Fp16Graph(torch.nn.Module):
+    """fp16 weights and arithmetic with fp32 inputs and outputs, for a strongly typed TensorRT network."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x):
+        return self.model(x.half()).float()
+
+
+def example_batch(model: str) -> torch.Tensor:
+    return torch.zeros(2, *INPUT_SHAPE[dataset_of(model)])
+
+
+def build_torchscript_bf16(model: str, out: Path, data_dir):
+    wrapped = Bf16Autocast(load_weights(model, WEIGHTS_DIR / f"{model}.pt")).eval()
+    with torch.no_grad(), warnings.catch_warnings():  # TorchScript is deprecated; TorchServe still loads it
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.freeze(torch.jit.trace(wrapped, example_batch(model)))
+    traced.save(str(out / FORMATS["torchscript_bf16"].filename))
+
+
+def calibration_images(model: str, data_dir, n: int, seed: int) -> np.ndarray:
+    """`n` random training images, normalised as in training (float32 NCHW)."""
+    dataset = dataset_of(model)
+    images, _ = load_split(dataset, data_dir, train=True)
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return normalize(dataset)(images[pick]).numpy()
+
+
+def build_onnx_int8(model: str, out: Path, data_dir):
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = out / FORMATS["onnx"].filename
+    if not fp32.exists():
+        raise FileNotFoundError(f"{fp32} is missing: run `python -m optimize.export --model {model}` first")
+    r = INT8_RECIPE
+    images = calibration_images(model, data_dir, r["calibration_images"], r["calibration_seed"])
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(range(0, len(images), r["calibration_batch"]))
+
+        def get_next(self):
+            start = next(self.batches, None)
+            return None if start is None else {"images": images[start: start + r["calibration_batch"]]}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(str(prepared), str(out / FORMATS["onnx_int8"].filename), Batches(),
+                        quant_format=getattr(QuantFormat, r["quant_format"]), per_channel=r["per_channel"],
+                        activation_type=getattr(QuantType, r["activation_type"]),
+                        weight_type=getattr(QuantType, r["weight_type"]),
+                        calibrate_method=getattr(CalibrationMethod, r["calibrate_method"]))
+
+
+def build_onnx_fp16(model: str, out: Path, data_dir):
+    wrapped = Fp16Graph(load_weights(model, WEIGHTS_DIR / f"{model}.pt")).eval()
+    export_onnx(wrapped, example_batch(model), out / FORMATS["tensorrt_fp16"].filename)
+
+
+# Formats built here; torchscript and onnx come from optimize.export.
+BUILDERS = {"torchscript_bf16": build_torchscript_bf16, "onnx_int8": build_onnx_int8,
+            "tensorrt_fp16": build_onnx_fp16}
+
+
+def serialized_path(model: str, fmt: str) -> Path:
+    return EXPORT_DIR / model / FORMATS[fmt].filename
+
+
+def recipe_path(model: str, fmt: str) -> Path:
+    """Written beside a built file: the recipe it was built with."""
+    path = serialized_path(model, fmt)
+    return path.with_name(path.name + ".recipe.json")
+
+
+def is_built(model: str, fmt: str) -> bool:
+    """Whether the file exists and, for the formats built here, was built with the current recipe."""
+    if fmt not in BUILDERS:
+        return serialized_path(model, fmt).exists()
+    return recipe_path(model, fmt).exists() and json.loads(recipe_path(model, fmt).read_text()) == FORMATS[fmt].recipe
+
+
+def build(model: str, fmt: str, data_dir) -> Path:
+    """Build `fmt` of `model` into optimize/exported/<model>/ and return the file."""
+    if fmt not in BUILDERS:
+        raise ValueError(f"{fmt} is written by `python -m optimize.export`, not here")
+    out = EXPORT_DIR / model
+    out.mkdir(parents=True, exist_ok=True)
+    BUILDERS[fmt](model, out, data_dir)
+    recipe_path(model, fmt).write_text(json.dumps(FORMATS[fmt].recipe))
+    return serialized_path(model, fmt)
+
+
+def main(args):
+    steps = tqdm(args.formats, desc=f"formats of {args.model}")
+    for fmt in steps:
+        steps.set_postfix_str(fmt)
+        path = build(args.model, fmt, args.data_dir)
+        tqdm.write(f"built {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--formats", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    p.add_argument("--data-dir", default="../shared/data", help="training images calibrate the INT8 model")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,118 @@
+"""Serving formats: validated against fp32 before archiving, refused when they lose accuracy, archived
+without being loaded at start, served by the real TorchServe, and benchmarked (quick mode)."""
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from drawing import draw_digit, png_bytes
+from model_store import archive
+from optimize import bench_formats, formats, validate
+from serving import server
+from tests.conftest import DATA_DIR, start_torchserve
+
+MODEL = "mnist_lenet5"
+REDUCED = {"torchscript_bf16": "1.2", "onnx_int8": "1.3"}  # lenet5's reduced-precision versions in models.yaml
+LENET5_FLOPS = 2 * (6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10)  # by hand, per image
+
+
+def manifest() -> dict:
+    return {(m["model"], m["version"]): m for m in json.loads((archive.STORE / "manifest.json").read_text())}
+
+
+def test_only_versions_without_load_false_start_and_defaults_come_first():
+    settings, started = archive.load_settings(), server.startup_models()
+    for model, entry in settings["models"].items():
+        mine = [s.split("=")[1] for s in started if s.startswith(f"{model}=")]
+        expected = {archive.archive_name(model, v) for v, value in entry["versions"].items()
+                    if archive.version_spec(value)[1] and (archive.STORE / archive.archive_name(model, v)).exists()}
+        assert set(mine) == expected
+        if mine:
+            assert mine[0] == archive.archive_name(model, entry["default"])
+    assert f"{MODEL}={archive.archive_name(MODEL, REDUCED['onnx_int8'])}" not in started
+    for bad in ({"format": "onnx", "serve": False}, "onnx_int4", {"load": False}):
+        with pytest.raises(ValueError, match="bad version entry"):
+            archive.version_spec(bad)
+
+
+def test_reduced_precision_archives_hold_their_format_and_validated_accuracy():
+    entries = manifest()
+    for fmt, version in REDUCED.items():
+        entry = entries[(MODEL, version)]
+        assert (entry["format"], entry["precision"], entry["load_at_start"]) == (fmt, formats.FORMATS[fmt].precision,
+                                                                                   False)
+        assert entry["accuracy_delta_points"] >= -validate.MAX_ACCURACY_LOSS and entry["top1_agreement"] >= 0.99
+        with zipfile.ZipFile(archive.STORE / entry["archive"]) as mar:
+            meta = json.loads(mar.read("MAR-INF/MANIFEST.json"))
+            assert meta["model"]["serializedFile"] == formats.FORMATS[fmt].filename
+            assert f"format: {fmt}" in mar.read("model-config.yaml").decode()
+    record = validate.load_records(MODEL)["formats"]["onnx_int8"]
+    assert validate.is_current(record, MODEL, "onnx_int8") and record["test_images"] == 10_000
+
+
+def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, monkeypatch, capsys, mnist_test):
+    """The real quantiser, validator and archiver on a badly calibrated INT8 model: blank calibration
+    images give the input quantiser a range that clips every stroke away. (mnist_test: skips without data.)"""
+    exported, weights, store = tmp_path / "exported", tmp_path / "weights", tmp_path / "store"
+    for folder in (exported / MODEL, weights, store):
+        folder.mkdir(parents=True)
+    for name in ("model.pt", "model.onnx"):
+        shutil.copy(formats.EXPORT_DIR / MODEL / name, exported / MODEL / name)
+    shutil.copy(validate.WEIGHTS_DIR / f"{MODEL}.pt", weights)
+    monkeypatch.setattr(formats, "EXPORT_DIR", exported)
+    monkeypatch.setattr(validate, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(archive, "STORE", store)
+    real_images = formats.calibration_images
+
+    def blank_images(model, data_dir, n, seed):  # every pixel at the normalised value of black
+        one = real_images(model, data_dir, 1, seed)
+        return np.full((n, *one.shape[1:]), one.min(), np.float32)
+
+    monkeypatch.setattr(formats, "calibration_images", blank_images)
+    archive.main(archive.get_args_parser().parse_args([MODEL, "--data-dir", str(DATA_DIR)]))
+    err = capsys.readouterr().err
+    assert f"refused {MODEL} 1.3 (onnx_int8): loses" in err
+    assert not (store / archive.archive_name(MODEL, "1.3")).exists()
+    assert (store / archive.archive_name(MODEL, "1.2")).exists()
+    archived = {m["version"] for m in json.loads((store / "manifest.json").read_text())}
+    assert archived == {"1.0", "1.1", "1.2"}
+    record = json.loads((weights / f"{MODEL}_formats.json").read_text())["formats"]["onnx_int8"]
+    assert not record["passed"] and record["accuracy_delta_points"] < -validate.MAX_ACCURACY_LOSS
+    assert "| onnx_int8 | int8 |" in (weights / f"{MODEL}_formats.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def reduced_precision_server(tmp_path_factory):
+    """fp32 1.0 and bf16 1.2 loaded at start; INT8 1.3 is registered on demand, as `load: false` intends."""
+    run_dir = tmp_path_factory.mktemp("formats")
+    client = start_torchserve(run_dir, models=[f"{MODEL}={archive.archive_name(MODEL, v)}" for v in ("1.0", "1.2")])
+    client.register(archive.archive_name(MODEL, REDUCED["onnx_int8"]))
+    yield client
+    server.stop(run_dir)
+
+
+def test_reduced_precision_versions_are_served_like_fp32(reduced_precision_server):
+    for digit in (0, 1, 4, 7):
+        image = png_bytes(draw_digit(digit))
+        fp32 = reduced_precision_server.predict(MODEL, image, version="1.0", top_k=10)
+        for fmt, version in REDUCED.items():
+            served = reduced_precision_server.predict(MODEL, image, version=version, top_k=10)
+            assert (served["format"], served["version"], served["index"]) == (fmt, version, digit)
+            assert abs(served["confidence"] - fp32["confidence"]) < 0.02
+
+
+def test_quick_benchmark_writes_table_chart_and_peak_fractions(tmp_path):
+    bench_formats.main(bench_formats.get_args_parser().parse_args(
+        ["--quick", "--models", MODEL, "--output-dir", str(tmp_path)]))
+    result = json.loads((tmp_path / "bench_formats.json").read_text())
+    assert result["meta"]["flops"][MODEL] == LENET5_FLOPS
+    cells = {(r["format"], r["batch"]) for r in result["rows"]}
+    assert cells == {(f, b) for f in ("torchscript", "onnx", *REDUCED) for b in bench_formats.BATCH_SIZES}
+    for row in result["rows"]:
+        assert row["min_s"] <= row["median_s"] <= row["max_s"]
+        assert 0 < row["peak_fraction"] < 1
+    table = (tmp_path / "bench_formats.md").read_text()
+    assert table.count(f"| {MODEL} |") == len(cells) and "GFLOP/s" in table
+    assert (tmp_path / "bench_formats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

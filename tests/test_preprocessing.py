@@ -113,14 +113,21 @@ def test_decompression_bomb_is_refused_before_decoding():
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("size", [(32, 32), (96, 96), (160, 120)])
 def test_real_cifar10_images_at_any_size_are_recognised(cifar_test, fmt, size):
-    """Real CIFAR-10 test images, enlarged and saved as PNG or JPEG as a user would upload them."""
+    """Real CIFAR-10 test images, enlarged (and, at 160x120, stretched) and saved as PNG or JPEG as a
+    user would upload them, score within a few points of the same images as 32x32 tensors (measured:
+    JPEG artefacts cost up to ~6 points at 32x32). The stretched ones lose their sides to the centre
+    crop, which costs more."""
     images, labels = cifar_test
     model = load_weights("cifar10_resnet18", shipped("cifar10_resnet18"))
-    n = 100
-    seen = np.stack([cifar_style(decode_image(png_bytes(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC),
-                                                        fmt))) for img in images[:n]])
-    x = torch.from_numpy(seen).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]
-    with torch.no_grad():
-        accuracy = (model(x).argmax(1).numpy() == labels[:n]).mean()
-    assert accuracy >= 0.8, accuracy
+    n = 200
+
+    def accuracy(batch_uint8):
+        x = torch.from_numpy(np.stack(batch_uint8)).permute(0, 3, 1, 2).float() / 255
+        x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]
+        with torch.no_grad():
+            return (model(x).argmax(1).numpy() == labels[:n]).mean()
+
+    uploaded = [cifar_style(decode_image(png_bytes(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC), fmt)))
+                for img in images[:n]]
+    allowed = 0.08 if size[0] == size[1] else 0.15  # JPEG at quality 75 costs a few points on 32x32 photos
+    assert accuracy(uploaded) >= accuracy(list(images[:n])) - allowed

@@ -11,7 +11,7 @@ from ui import shared
 WEIGHTS = shared.ROOT / "training" / "weights"
 MANIFEST = shared.ROOT / "model_store" / "manifest.json"
 HISTORY_COLUMNS = {"Input": 1, "Time": 1.1, "Model": 2.4, "Client": 1, "Result": 1.3, "Confidence": 1.2,
-                   "Handler": 1, "": 1}
+                   "Handler": 1, "": 1.4}
 
 
 def models_page():

@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -20,10 +21,15 @@ from pathlib import Path
 
 from handlers.prediction_log import PredictionLog, url_for_run_dir
 from serving import server
-from tests.conftest import free_port
 
 RESULTS = Path(__file__).resolve().parent.parent / "results" / "log_overhead"
 MODEL = "mnist_lenet5=mnist_lenet5_v1.0.mar"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ports() -> dict:

@@ -487,7 +487,7 @@ def get_args_parser():
 
 
 def main(args):
-    out = args.out or settings.BENCH_DIR / time.strftime("%Y%m%d-%H%M%S")
+    out = (args.out or settings.BENCH_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()  # TorchServe runs elsewhere
     out.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models if (settings.MODEL_STORE / archive_name(m, "1.0")).exists()]
     base = current_config()

@@ -17,6 +17,7 @@ A bad request gets HTTP 400 with a message; the other requests of its batch are 
 import base64
 import binascii
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -143,6 +144,10 @@ class ImageClassifier:
         self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)))
         url = url_from_env()
         self.log = PredictionLog(url) if url else None
+        # Everything loaded so far (torch, the model, SQLAlchemy) lives as long as the worker: moved
+        # out of the garbage collector's sight, a collection no longer walks it. Each batch allocates
+        # (the prediction log's rows most), and those walks cost 10% of LeNet-5's throughput.
+        gc.freeze()
         self.initialized = True
 
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
@@ -208,9 +213,10 @@ class ImageClassifier:
         return responses
 
     def record(self, items, responses, latency_ms: float):
-        """Write the batch's successful predictions to the prediction log, in one transaction."""
+        """Write the batch's successful predictions to the prediction log, in one transaction, before
+        they are answered: a worker crash loses only the batch in flight, whose requests fail too."""
         rows = [record_row(r["request_id"], self.model_name, self.version, self.format, item.options["client"],
-                           item.image, to_png(item.pixels), r, latency_ms)
+                           item.image, item.pixels, r, latency_ms)
                 for item, r in zip(items, responses) if isinstance(item, Item)]
         try:
             self.log.record(rows)

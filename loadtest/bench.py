@@ -57,6 +57,11 @@ MODELS = ("mnist_lenet5", "cifar10_resnet18")
 BASELINE_THREADS = (1, 0)  # torch threads tried for the Flask app: 1, and torch's default (0: one per core)
 MODEL_TIME_REPEATS = 50  # forward passes timed per batch size
 MIN_GAIN = 0.05  # a setting must beat the current defaults' throughput by this fraction to be adopted
+SWEEP = {"workers": (1, 2, 3), "batch_size": (1, 4, 8, 16), "max_batch_delay_ms": (1, 5, 10), "threads": (1, 2)}
+# LeNet-5 only: the cheap model is the one whose request rate can stress the frontend's Netty threads
+FRONTEND_SWEEP = {"netty_threads": (1, 2, 4)}
+# ResNet-18 only: a convolutional net's cost per image keeps falling with the batch (bench.md: model time)
+LARGE_BATCH_SWEEP = {"batch_size": (1, 4, 8, 16, 32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,17 +97,11 @@ def archived_formats(model: str) -> dict[str, str]:
 
 
 def sweep_points(model: str, base: ServingConfig) -> list[ServingConfig]:
-    """The current defaults, then one setting changed at a time, then every other archived format."""
-    replace = dataclasses.replace
-    points = [base, replace(base, workers=2), replace(base, workers=3), replace(base, batch_size=1),
-              replace(base, batch_size=4), replace(base, batch_size=16), replace(base, max_batch_delay_ms=1),
-              replace(base, max_batch_delay_ms=10), replace(base, threads=2)]
-    if model == "mnist_lenet5":  # the cheap model is the one whose request rate can stress the frontend
-        points += [replace(base, netty_threads=1), replace(base, netty_threads=4)]
-    else:  # a convolutional net's cost per image keeps falling with the batch size (bench.md: model time)
-        points += [replace(base, batch_size=32)]
-    points += [replace(base, version=v) for v in archived_formats(model) if v != base.version]
-    return list(dict.fromkeys(points))
+    """The current defaults, then one setting changed at a time, then every archived format."""
+    values = dict(SWEEP, **(FRONTEND_SWEEP if model == "mnist_lenet5" else LARGE_BATCH_SWEEP))
+    points = [base] + [dataclasses.replace(base, **{field: v}) for field, vs in values.items() for v in vs]
+    points += [dataclasses.replace(base, version=v) for v in archived_formats(model)]
+    return list(dict.fromkeys(points))  # the current value of each setting is the base point itself
 
 
 def write_archive(store: Path, model: str, config: ServingConfig) -> str:
@@ -267,6 +266,9 @@ def model_time(model: str, batch_sizes=(1, 8)) -> dict:
     return result
 
 
+SAME_FORMAT, ANY_FORMAT = "baseline's format", "any format"
+
+
 def within(point: dict, p99_limit: float) -> bool:
     p99 = point["summary"]["series"]["total"]["p99_ms"]
     return point["summary"]["passed"] and p99 is not None and p99 <= p99_limit
@@ -276,34 +278,49 @@ def throughput(point: dict) -> float:
     return point["summary"]["series"]["total"]["throughput_rps"]
 
 
+def candidates(points: list[dict], p99_limit: float) -> list[dict]:
+    """The points within the p99 limit; when none is (the limit is too tight at USERS users), every
+    point that passed its checks."""
+    return [p for p in points if within(p, p99_limit)] or [p for p in points if p["summary"]["passed"]]
+
+
 def combined_config(base: ServingConfig, points: list[dict], p99_limit: float) -> ServingConfig:
-    """Every single change that beat the current defaults (throughput up by MIN_GAIN, p99 within the
-    limit, every check passed), combined; of two changes to one setting, the faster wins."""
+    """Every single change that beat the current defaults by MIN_GAIN (among the candidates), combined;
+    of two changes to one setting, the faster wins."""
     changes = {}
-    for p in sorted(points[1:], key=throughput):
-        if within(p, p99_limit) and throughput(p) > throughput(points[0]) * (1 + MIN_GAIN):
+    for p in sorted(candidates(points[1:], p99_limit), key=throughput):
+        if throughput(p) > throughput(points[0]) * (1 + MIN_GAIN):
             changes.update({k: v for k, v in p["config"].items() if getattr(base, k) != v})
     return dataclasses.replace(base, **changes)
 
 
+def pick(points: list[dict], p99_limit: float) -> ServingConfig:
+    """The fastest candidate, if it beats the current defaults (points[0]) by MIN_GAIN: a smaller gain
+    is within run-to-run noise, and the defaults stay."""
+    best = max(candidates(points, p99_limit), key=throughput)
+    if throughput(best) < throughput(points[0]) * (1 + MIN_GAIN):
+        best = points[0]
+    return ServingConfig(**best["config"])
+
+
 def sweep(out: Path, model: str, base: ServingConfig, duration: float, p99_limit: float,
-          only: list[str]) -> tuple[list[dict], ServingConfig]:
-    """Measure the sweep points and their combination; -> the points, and the fastest within the limit
-    (else the fastest) when it beats the current defaults by MIN_GAIN. Changes do not always add up
-    (two workers with two threads each oversubscribe 2 cores): the combination is measured, not assumed."""
+          only: list[str]) -> tuple[list[dict], dict[str, ServingConfig]]:
+    """Measure the sweep points and the combinations of their winning changes; -> the points, and the
+    pick among the baseline's format (TorchScript fp32) and among every format. Changes do not
+    always add up (two workers with two threads each oversubscribe 2 cores): combinations are
+    measured, not assumed."""
     points, formats = [], archived_formats(model)
     configs = [c for c in sweep_points(model, base) if not only or c.differences(base, formats) in only]
     for i, config in enumerate(configs):
         points.append(measure_point(out / f"{model}-{i:02d}", model, config, base, formats, duration))
-    combined = combined_config(base, points, p99_limit) if points else base
-    if combined not in configs:
-        points.append(measure_point(out / f"{model}-combined", model, combined, base, formats, duration))
-        points[-1]["name"] = f"combined: {points[-1]['name']}"
-    candidates = [p for p in points if within(p, p99_limit)] or [p for p in points if p["summary"]["passed"]]
-    best = max(candidates, key=throughput)
-    if points[0] in candidates and throughput(best) < throughput(points[0]) * (1 + MIN_GAIN):
-        best = points[0]  # a gain this small is within run-to-run noise: keep the current defaults
-    return points, ServingConfig(**best["config"])
+    same_format = lambda: [p for p in points if p["config"]["version"] == base.version]  # noqa: E731
+    for scope in (same_format, lambda: points):
+        combined = combined_config(base, scope(), p99_limit)
+        if combined not in [ServingConfig(**p["config"]) for p in points]:
+            points.append(measure_point(out / f"{model}-combined-{len(points)}", model, combined, base, formats,
+                                        duration))
+            points[-1]["name"] = f"combined: {points[-1]['name']}"
+    return points, {SAME_FORMAT: pick(same_format(), p99_limit), ANY_FORMAT: pick(points, p99_limit)}
 
 
 def measure_point(out: Path, model: str, config: ServingConfig, base: ServingConfig, formats: dict,
@@ -408,7 +425,8 @@ def markdown(results: dict) -> str:
             split = p["split"]
             lines.append(f"| {p['name']} | {_cells(p['summary']['series']['total'], p['summary']['other_cores'])} | "
                          f"{split['queue_ms']} | {split['worker_ms']} | {split['outside_frontend_ms']} |")
-        lines += ["", f"Tuned ({model}): {results['tuned'][model]['name']}", ""]
+        lines += [""] + [f"Tuned ({model}, {name}): {c['name']}" for name, c in results["tuned"][model].items()]
+        lines += [""]
     lines += ["## Flask baseline by torch threads (0 = torch's default, one per core)", "",
               "| run | req/s | p50 ms | p99 ms | errors | other cores |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {_cells(r['series']['total'], r['other_cores'])} |"
@@ -422,13 +440,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row['server']} | {row['model']} | {_cells(row, row['other_cores'])} | {knee} |")
     lines += ["", "Ratios, TorchServe / Flask: " + json.dumps(results["ratios"]), "",
               "## Where TorchServe's time goes (mean ms per request, tuned settings)", "",
-              "| model | client | outside frontend (HTTP, Netty, load generator) | queue | worker (IPC + handler) |",
-              "|---|---|---|---|---|"]
+              "| server | model | client | outside frontend (HTTP, Netty, load generator) | queue | "
+              "worker (IPC + handler) |", "|---|---|---|---|---|---|"]
     for r in results["side_by_side"]:
         if "split" in r:
             s = r["split"]
-            lines.append(f"| {r['model']} | {s['client_mean_ms']} | {s['outside_frontend_ms']} | {s['queue_ms']} | "
-                         f"{s['worker_ms']} |")
+            lines.append(f"| {r['server']} | {r['model']} | {s['client_mean_ms']} | {s['outside_frontend_ms']} | "
+                         f"{s['queue_ms']} | {s['worker_ms']} |")
     lines += ["", "## CPU per request (ms, user + system, whole run; 2 cores = 2000 ms per second)", "",
               "| server | model | load generator | frontend (Java) | workers (Python) | Flask app |",
               "|---|---|---|---|---|---|"]
@@ -447,31 +465,37 @@ def ratio(numerator: dict | None, denominator: dict | None, key: str = "throughp
 
 def side_by_side(out: Path, models: list[str], flask: dict, tuned: dict, duration: float,
                  step: tuple[str, float]) -> tuple[list[dict], dict]:
-    """TorchServe with the tuned settings under the loads the baseline had; -> table rows, ratios."""
-    ping = ping_floor(out / "ts-ping", tuned[models[0]], duration)
+    """TorchServe with each tuned variant under the loads the baseline had; -> table rows, ratios."""
+    ping = ping_floor(out / "ts-ping", tuned[models[0]][SAME_FORMAT], duration)
     rows = [{"server": "Flask", "model": "ping", **flask["ping"]["series"]["total"],
              "other_cores": flask["ping"]["other_cores"]},
             {"server": "TorchServe", "model": "ping", **ping["series"]["total"], "other_cores": ping["other_cores"]}]
     ratios = {"ping": ratio(rows[1], rows[0])}
     for model in models:
-        print(f"[torchserve tuned] {model}", flush=True)
-        ts = measure_torchserve(out / f"ts-{model}", model, tuned[model], duration)
-        ts_step = measure_torchserve(out / f"ts-{model}-step", model, tuned[model], duration, step)
-        with prediction_log_off():  # what the per-request database write costs (the baseline writes none)
-            unlogged = measure_torchserve(out / f"ts-{model}-unlogged", model, tuned[model], duration)
         fl = {"server": f"Flask (threads={flask[model]['threads']})", "model": model, **flask[model]["series"]["total"],
               "knee": flask[f"{model} step"]["knee"], "other_cores": flask[model]["other_cores"],
               "cpu": flask[model]["cpu"]}
-        ts_row = {"server": "TorchServe (tuned)", "model": model, **ts["summary"]["series"]["total"],
-                  "knee": ts_step["summary"]["knee"], "split": ts["split"], "other_cores": ts["summary"]["other_cores"],
-                  "cpu": ts["cpu"]}
-        rows += [fl, ts_row, {"server": "TorchServe (tuned, prediction log off)", "model": model,
-                              **unlogged["summary"]["series"]["total"],
-                              "other_cores": unlogged["summary"]["other_cores"],
-                              "cpu": unlogged["cpu"]}]
-        ratios[model] = {"throughput": ratio(ts_row, fl), "throughput_log_off": ratio(rows[-1], fl),
-                         "p99": ratio(ts_row, fl, "p99_ms"), "knee_throughput": ratio(ts_row["knee"], fl["knee"]),
-                         "knee_vs_baseline_at_users": ratio(ts_row["knee"], fl)}
+        rows.append(fl)
+        variants = dict(tuned[model])
+        if variants[ANY_FORMAT] == variants[SAME_FORMAT]:
+            del variants[ANY_FORMAT]
+        for i, (name, config) in enumerate(variants.items()):
+            print(f"[torchserve tuned, {name}] {model}", flush=True)
+            ts = measure_torchserve(out / f"ts-{model}-{i}", model, config, duration)
+            ts_step = measure_torchserve(out / f"ts-{model}-{i}-step", model, config, duration, step)
+            row = {"server": f"TorchServe (tuned, {name}: {config.version})", "model": model,
+                   **ts["summary"]["series"]["total"], "knee": ts_step["summary"]["knee"], "split": ts["split"],
+                   "other_cores": ts["summary"]["other_cores"], "cpu": ts["cpu"]}
+            rows.append(row)
+            ratios[f"{model}, {name}"] = {"throughput": ratio(row, fl), "p99": ratio(row, fl, "p99_ms"),
+                                          "knee_throughput": ratio(row["knee"], fl["knee"]),
+                                          "knee_vs_baseline_at_users": ratio(row["knee"], fl)}
+        with prediction_log_off():  # what the per-request database write costs (the baseline writes none)
+            unlogged = measure_torchserve(out / f"ts-{model}-unlogged", model, tuned[model][SAME_FORMAT], duration)
+        rows.append({"server": f"TorchServe (tuned, {SAME_FORMAT}, prediction log off)", "model": model,
+                     **unlogged["summary"]["series"]["total"], "other_cores": unlogged["summary"]["other_cores"],
+                     "cpu": unlogged["cpu"]})
+        ratios[f"{model}, {SAME_FORMAT}"]["throughput_log_off"] = ratio(rows[-1], fl)
     return rows, ratios
 
 
@@ -505,8 +529,8 @@ def main(args):
         limit = flask[model]["series"]["total"]["p99_ms"] if model == "mnist_lenet5" else settings.SLO_P99_MS
         points, tuned[model] = sweep(out, model, base, args.sweep_s, limit, args.only)
         results["sweep"][model] = points
-        results["tuned"][model] = {"name": tuned[model].differences(base, archived_formats(model)),
-                                   **dataclasses.asdict(tuned[model])}
+        results["tuned"][model] = {name: {"name": config.differences(base, archived_formats(model)),
+                                          **dataclasses.asdict(config)} for name, config in tuned[model].items()}
     rows, ratios = side_by_side(out, models, flask, tuned, args.final_s, step)
     results.update(side_by_side=rows, ratios=ratios)
     (out / "bench.json").write_text(json.dumps(results, indent=1))

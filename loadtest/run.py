@@ -69,6 +69,9 @@ def run_load(args) -> tuple[int, Path, dict]:
         args.targets = served_targets(args.ts_config, args.key_file)
     out = Path(args.out or settings.RESULTS_DIR / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
+    load = f"steps of {args.step_users} users, {args.step_s:g} s each" if args.step else \
+        f"{args.users} users for {args.duration:g} s"
+    print(f"Locust: {load}, {args.protocol}, targets {args.targets}; log: {out / 'locust.log'}", flush=True)
     with open(out / "locust.log", "w") as log:
         code = subprocess.run(locust_command(args, out), stdout=log, stderr=subprocess.STDOUT,
                               timeout=load_seconds(args) + START_MARGIN_S).returncode

@@ -8,14 +8,13 @@ at. Fine-tune with `python -m training.train --model mnist_lenet5 --init-from
 training/weights/mnist_lenet5.pt --extra-train data/corrections/mnist_lenet5/corrections.npz`.
 """
 import argparse
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from handlers.prediction_log import PredictionLog, url_for_run_dir
+from handlers.prediction_log import PredictionLog, decode_pixels, url_for_run_dir
 from serving.server import RUN_DIR
 
 
@@ -25,7 +24,7 @@ def export_corrections(log: PredictionLog, model: str, out: Path):
     out.mkdir(parents=True, exist_ok=True)
     images, labels = [], []
     for row in rows:
-        image = np.asarray(Image.open(io.BytesIO(row["model_input_png"])))
+        image = decode_pixels(row)
         true_index = next((t["index"] for t in row["top_k"] if t["label"] == row["true_label"]), None)
         labels.append(true_index if true_index is not None else int(row["true_label"]))
         images.append(image)

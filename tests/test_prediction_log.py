@@ -1,6 +1,5 @@
 """The prediction log: every served prediction recorded once, in SQLite and in a real PostgreSQL."""
 import glob
-import io
 import json
 import os
 import shutil
@@ -14,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from drawing import draw_digit, png_bytes
-from handlers.prediction_log import PredictionLog, url_for_run_dir
+from handlers.prediction_log import PredictionLog, decode_pixels, url_for_run_dir
 from serving import server
 from tests.conftest import free_port, start_torchserve
 
@@ -47,7 +45,7 @@ def test_every_successful_prediction_is_recorded_once(torchserve):
     assert (row["label"], row["confidence"], row["version"]) == (answered[0]["label"], answered[0]["confidence"],
                                                                  answered[0]["version"])
     assert row["input_bytes"] in good and len(row["input_sha256"]) == 64 and row["latency_ms"] > 0
-    assert np.asarray(Image.open(io.BytesIO(row["model_input_png"]))).shape == (28, 28)
+    assert decode_pixels(row).shape == (28, 28)
     assert {r["version"] for r in rows.values()} == {"1.0", "1.1"} and row["top_k"][0]["label"] == row["label"]
 
 

@@ -6,6 +6,7 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
+from handlers.prediction_log import decode_pixels
 from ui import shared
 
 WEIGHTS = shared.ROOT / "training" / "weights"
@@ -119,7 +120,7 @@ def history_page():
 def history_row(i: int, row: dict, log):
     with st.container(key=f"history_{i}"):
         cells = st.columns(list(HISTORY_COLUMNS.values()), vertical_alignment="center")
-        cells[0].image(shared.enlarged(row["model_input_png"], 56))
+        cells[0].image(shared.enlarged(decode_pixels(row), 56))
         cells[1].write(datetime.fromtimestamp(row["created"]).strftime("%H:%M:%S"))
         cells[2].write(f"{row['model']} {row['version']}")
         cells[3].write(row["client"])

@@ -6,6 +6,7 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 import sqlalchemy.exc
 import streamlit as st
@@ -145,7 +146,8 @@ def _request(model: str, version: str, image: bytes, top_k: int) -> tuple:
     return model, version, top_k, hashlib.sha256(image).hexdigest()
 
 
-def enlarged(png: bytes, size: int) -> Image.Image:
-    """The model's input, blown up with nearest-neighbour so that its pixels stay visible."""
-    image = Image.open(io.BytesIO(png))
+def enlarged(image: bytes | np.ndarray, size: int) -> Image.Image:
+    """The model's input (a PNG from a response, or pixels from the prediction log), blown up with
+    nearest-neighbour so that its pixels stay visible."""
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else Image.open(io.BytesIO(image))
     return image.resize((size, size * image.height // image.width), Image.Resampling.NEAREST)

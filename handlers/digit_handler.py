@@ -21,6 +21,7 @@ from base_classifier import BadInput, ImageClassifier
 WORK_SIZE = 80  # long side (px) at which stroke width is measured and normalised
 MIN_STROKE = 6  # px at WORK_SIZE: thinner strokes are dilated; 99.6% of MNIST test digits measure >= 6
 INK_THRESHOLD = 0.15  # fraction of the strongest ink below which a pixel is background
+ROWS, COLS = np.mgrid[0:28, 0:28]  # pixel coordinates, for the centre of mass
 
 
 def ink_map(image: Image.Image) -> np.ndarray:
@@ -34,12 +35,21 @@ def ink_map(image: Image.Image) -> np.ndarray:
     return np.abs(grey - np.median(border))
 
 
-def _stroke_width(binary: Image.Image) -> int:
-    """Approximate stroke width (px) as twice the number of 3x3 erosions that remove most of the ink."""
-    pixels = np.count_nonzero(np.asarray(binary))
+def _erode(ink: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion (zeros beyond the border). PIL's MinFilter(3) did the same by sorting nine
+    values per pixel and took 60% of a digit's preprocessing; this takes a tenth of that."""
+    padded = np.pad(ink, 1)
+    rows = padded[:, :-2] & padded[:, 1:-1] & padded[:, 2:]
+    return rows[:-2] & rows[1:-1] & rows[2:]
+
+
+def _stroke_width(ink: np.ndarray) -> int:
+    """Approximate stroke width (px) of a boolean ink map as twice the number of 3x3 erosions that
+    remove most of the ink."""
+    pixels = np.count_nonzero(ink)
     for k in range(1, MIN_STROKE):
-        binary = binary.filter(ImageFilter.MinFilter(3))
-        if np.count_nonzero(np.asarray(binary)) < 0.1 * pixels:
+        ink = _erode(ink)
+        if np.count_nonzero(ink) < 0.1 * pixels:
             return 2 * k
     return 2 * MIN_STROKE
 
@@ -92,7 +102,7 @@ def _thicken_thin_strokes(glyph: np.ndarray):
     work = Image.fromarray((crop * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR)
     canvas = Image.new("L", (size[0] + 2 * MIN_STROKE, size[1] + 2 * MIN_STROKE))  # room to grow
     canvas.paste(work, (MIN_STROKE, MIN_STROKE))
-    width = _stroke_width(canvas.point(lambda v: 255 if v >= 128 else 0))
+    width = _stroke_width(np.asarray(canvas) >= 128)
     if width >= MIN_STROKE:
         return None
     canvas = canvas.filter(ImageFilter.MaxFilter(2 * ((MIN_STROKE - width) // 2) + 1))
@@ -100,9 +110,8 @@ def _thicken_thin_strokes(glyph: np.ndarray):
 
 
 def _center_of_mass_to_middle(digit: np.ndarray) -> np.ndarray:
-    ys, xs = np.mgrid[0:28, 0:28]
     mass = digit.sum()
-    dy, dx = 14 - (digit * ys).sum() / mass, 14 - (digit * xs).sum() / mass
+    dy, dx = 14 - (digit * ROWS).sum() / mass, 14 - (digit * COLS).sum() / mass
     # PIL's affine maps output (x, y) to input (x - dx, y - dy): a sub-pixel shift by (dx, dy)
     shifted = Image.fromarray(digit, mode="F").transform(
         (28, 28), Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), resample=Image.Resampling.BILINEAR)

@@ -47,7 +47,6 @@ from loadtest.run import get_args_parser as load_args_parser, run_load  # noqa: 
 from model_store.archive import archive_name, load_settings  # noqa: E402
 from serving import server  # noqa: E402
 from serving.client import read_properties  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 
 SWEEP_S = 25  # seconds of load per sweep point (the first WARMUP_S are left out)
 FINAL_S = 45  # seconds of load per side-by-side run
@@ -126,11 +125,8 @@ def torchserve(run_dir: Path, model: str, config: ServingConfig):
     store = run_dir / "store"
     store.mkdir(parents=True)
     mar = write_archive(store, model, config)
-    overrides = {"inference_address": f"http://127.0.0.1:{free_port()}",
-                 "management_address": f"http://127.0.0.1:{free_port()}",
-                 "metrics_address": f"http://127.0.0.1:{free_port()}",
-                 "grpc_inference_port": free_port(), "grpc_management_port": free_port(),
-                 "number_of_netty_threads": config.netty_threads, "netty_client_threads": config.netty_threads}
+    overrides = dict(server.free_ports(), number_of_netty_threads=config.netty_threads,
+                     netty_client_threads=config.netty_threads)
     try:
         server.start(run_dir, overrides, models=[f"{model}={mar}"], store=store)
         yield run_dir / "config.properties"
@@ -141,7 +137,7 @@ def torchserve(run_dir: Path, model: str, config: ServingConfig):
 @contextmanager
 def flask_baseline(models: list[str], threads: int, log: Path):
     """The Flask baseline serving `models` on a free port; -> (its base URL, pid). Terminated on exit."""
-    port = free_port()
+    port = server.free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "loadtest.flask_baseline", "--models", *models,
@@ -438,8 +434,13 @@ def markdown(results: dict) -> str:
         k = row.get("knee")
         knee = f"{k['throughput_rps']:.1f} ({k['p99_ms']}, {k['users']})" if k else "-"
         lines.append(f"| {row['server']} | {row['model']} | {_cells(row, row['other_cores'])} | {knee} |")
-    lines += ["", "Ratios, TorchServe / Flask: " + json.dumps(results["ratios"]), "",
-              "## Where TorchServe's time goes (mean ms per request, tuned settings)", "",
+    lines += ["", "Ratios, TorchServe / Flask (p99: below 1 is better):", "",
+              "| model, TorchServe variant | req/s | p99 | knee req/s / Flask's knee | knee req/s / Flask at "
+              f"{settings.USERS} users | req/s, prediction log off |", "|---|---|---|---|---|---|",
+              f"| /ping (HTTP floor) | {results['ratios']['ping']} | - | - | - | - |"]
+    lines += [f"| {name} | {r['throughput']} | {r['p99']} | {r['knee_throughput']} | {r['knee_vs_baseline_at_users']} | "
+              f"{r.get('throughput_log_off', '-')} |" for name, r in results["ratios"].items() if name != "ping"]
+    lines += ["", "## Where TorchServe's time goes (mean ms per request, tuned settings)", "",
               "| server | model | client | outside frontend (HTTP, Netty, load generator) | queue | "
               "worker (IPC + handler) |", "|---|---|---|---|---|---|"]
     for r in results["side_by_side"]:

@@ -12,7 +12,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,19 +25,6 @@ RESULTS = Path(__file__).resolve().parent.parent / "results" / "log_overhead"
 MODEL = "mnist_lenet5=mnist_lenet5_v1.0.mar"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ports() -> dict:
-    return {"inference_address": f"http://127.0.0.1:{free_port()}",
-            "management_address": f"http://127.0.0.1:{free_port()}",
-            "metrics_address": f"http://127.0.0.1:{free_port()}",
-            "grpc_inference_port": free_port(), "grpc_management_port": free_port()}
-
-
 def phase(logging_on: bool, users: int, duration: float, out: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="logoverhead-"))
     if logging_on:
@@ -46,7 +32,7 @@ def phase(logging_on: bool, users: int, duration: float, out: Path) -> dict:
     else:
         os.environ["PREDICTION_LOG_URL"] = "off"
     try:
-        server.start(run_dir, ports(), models=[MODEL])
+        server.start(run_dir, server.free_ports(), models=[MODEL])
         subprocess.run([sys.executable, "-m", "loadtest.run", "--ts-config", str(run_dir / "config.properties"),
                         "--key-file", str(run_dir / "key_file.json"), "--users", str(users),
                         "--duration", str(duration), "--targets", "mnist_lenet5:1.0=1", "--out", str(out)],

@@ -11,6 +11,7 @@ on free ports with `start(run_dir, overrides={...})`.
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,21 @@ def write_config(run_dir: Path, store: Path, overrides: dict | None = None) -> P
     path = run_dir / "config.properties"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports() -> dict:
+    """config.properties overrides that put every listener on a free local port, so that a server
+    can run beside `make serve` (tests, benchmarks)."""
+    return {"inference_address": f"http://127.0.0.1:{free_port()}",
+            "management_address": f"http://127.0.0.1:{free_port()}",
+            "metrics_address": f"http://127.0.0.1:{free_port()}",
+            "grpc_inference_port": free_port(), "grpc_management_port": free_port()}
 
 
 def startup_models(store: Path = STORE) -> list[str]:

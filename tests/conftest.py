@@ -1,5 +1,4 @@
 """Shared fixtures: paths, the real data sets (skipped when absent), drawn digits, a live TorchServe."""
-import socket
 import sys
 from pathlib import Path
 
@@ -10,11 +9,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other
 DATA_DIR = ROOT.parent / "shared" / "data"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.server import free_port  # noqa: E402  (for the tests: one helper, in serving/)
 
 
 @pytest.fixture(scope="session")
@@ -50,15 +45,7 @@ def start_torchserve(run_dir, models=None):
     from serving import server
     if not server.startup_models():
         pytest.fail("no archives in model_store/: `make test` builds them (make archive)")
-    ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inference", "grpc_management")}
-    overrides = {
-        "inference_address": f"http://127.0.0.1:{ports['inference']}",
-        "management_address": f"http://127.0.0.1:{ports['management']}",
-        "metrics_address": f"http://127.0.0.1:{ports['metrics']}",
-        "grpc_inference_port": ports["grpc_inference"],
-        "grpc_management_port": ports["grpc_management"],
-    }
-    client = server.start(run_dir, overrides, models=models)
+    client = server.start(run_dir, server.free_ports(), models=models)
     client.run_dir = run_dir
     return client
 

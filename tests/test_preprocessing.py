@@ -4,10 +4,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from base_classifier import BadInput, decode_image
-from digit_handler import mnist_style
+from digit_handler import _erode, mnist_style
 from image_handler import cifar_style
 from drawing import draw_digit, png_bytes
 from tests.conftest import shipped
@@ -76,6 +76,17 @@ def test_mnist_test_digits_survive_the_canvas_round_trip(lenet, mnist_test):
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
 @pytest.mark.parametrize("size", [(32, 32), (500, 375), (64, 200)])
+@pytest.mark.parametrize("seed", range(5))
+def test_numpy_erosion_equals_pils_min_filter(seed):
+    """The stroke-width measurement's erosion, in numpy for speed, does exactly what PIL's
+    MinFilter(3) did on the binary canvas (blank margins, as the handler's canvas has)."""
+    rng = np.random.default_rng(seed)
+    ink = np.zeros((60, 50), bool)
+    ink[3:-3, 3:-3] = rng.random((54, 44)) < 0.7
+    pil = np.asarray(Image.fromarray(ink.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(3))) > 0
+    assert (_erode(ink) == pil).all() and _erode(ink).sum() < ink.sum()
+
+
 def test_cifar_style_any_mode_and_size(mode, size):
     image = Image.new(mode, size, 128 if mode == "L" else (10, 200, 30, 255)[: len(mode)])
     seen = cifar_style(decode_image(png_bytes(image)))

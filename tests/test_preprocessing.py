@@ -74,8 +74,6 @@ def test_mnist_test_digits_survive_the_canvas_round_trip(lenet, mnist_test):
     assert correct / n >= 0.97
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
-@pytest.mark.parametrize("size", [(32, 32), (500, 375), (64, 200)])
 @pytest.mark.parametrize("seed", range(5))
 def test_numpy_erosion_equals_pils_min_filter(seed):
     """The stroke-width measurement's erosion, in numpy for speed, does exactly what PIL's
@@ -87,6 +85,8 @@ def test_numpy_erosion_equals_pils_min_filter(seed):
     assert (_erode(ink) == pil).all() and _erode(ink).sum() < ink.sum()
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(32, 32), (500, 375), (64, 200)])
 def test_cifar_style_any_mode_and_size(mode, size):
     image = Image.new(mode, size, 128 if mode == "L" else (10, 200, 30, 255)[: len(mode)])
     seen = cifar_style(decode_image(png_bytes(image)))

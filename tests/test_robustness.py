@@ -148,11 +148,13 @@ def test_decompression_bomb_is_refused_quickly(digits):
 
 
 def test_a_killed_worker_is_replaced_and_service_resumes(tmp_path):
-    """SIGKILL the only worker under a steady stream of requests: TorchServe starts a new one. Reports how
-    many requests failed and how long until answers flowed again (the clients do not retry: a failed
-    request is reported to the caller, who decides)."""
+    """SIGKILL one of the model's two workers (models.yaml: one per core) under a steady stream of
+    requests: only requests in flight on it may fail, the other worker keeps answering, and TorchServe
+    starts a replacement. Reports the failures, the longest wait for an answer, and how long until
+    two workers were ready again (full throughput). The clients do not retry: a failed request is
+    reported to the caller, who decides."""
     client = start_torchserve(tmp_path, models=["mnist_lenet5=mnist_lenet5_v1.0.mar"])
-    image, log, stop = png_bytes(draw_digit(7)), [], threading.Event()
+    image, log, stop, streams = png_bytes(draw_digit(7)), [], threading.Event(), 4
 
     def stream():
         while not stop.is_set():
@@ -163,32 +165,36 @@ def test_a_killed_worker_is_replaced_and_service_resumes(tmp_path):
                 log.append((time.time(), False))
 
     try:
-        threads = [threading.Thread(target=stream) for _ in range(4)]
+        threads = [threading.Thread(target=stream) for _ in range(streams)]
         for t in threads:
             t.start()
         time.sleep(3)
-        (worker_pid,) = worker_pids(client)
+        pids = worker_pids(client)
+        assert len(pids) == 2, pids
         killed_at = time.time()
-        os.kill(worker_pid, signal.SIGKILL)
+        os.kill(pids[0], signal.SIGKILL)
         deadline = time.time() + 90
-        while time.time() < deadline and not any(ok and t > killed_at + 0.5 for t, ok in log[-50:]):
+        while time.time() < deadline and not (len(worker_pids(client)) == 2 and pids[0] not in worker_pids(client)):
             time.sleep(0.2)
+        restored = time.time() - killed_at
         time.sleep(2)
         stop.set()
         for t in threads:
             t.join(timeout=30)
         failed = [t for t, ok in log if not ok]
-        back = min((t for t, ok in log if ok and t > max(failed, default=killed_at)), default=None)
-        new_pids = worker_pids(client)
-        print(f"worker killed: {len(failed)} of {len(log)} requests failed; answers again after "
-              f"{back - killed_at:.1f} s" if back else "never recovered")
-        assert back is not None and back - killed_at < 90
-        assert new_pids and worker_pid not in new_pids
-        assert client.predict("mnist_lenet5", image)["index"] == 7
+        answered = [killed_at] + [t for t, ok in log if ok and t > killed_at]
+        longest_wait = max(b - a for a, b in zip(answered, answered[1:]))
+        print(f"one of 2 workers killed: {len(failed)} of {len(log)} requests failed; longest wait for an answer "
+              f"{longest_wait:.2f} s; two workers ready again after {restored:.1f} s")
+        assert restored < 90 and pids[0] not in worker_pids(client)
+        assert len(failed) <= streams  # only what was in flight on the killed worker
+        assert len(answered) > 10 and client.predict("mnist_lenet5", image)["index"] == 7
     finally:
         stop.set()
         server.stop(tmp_path)
 
 
 def worker_pids(client) -> list[int]:
-    return [w["pid"] for v in client.describe("mnist_lenet5") for w in v["workers"] if w.get("pid")]
+    """The model's workers that are up (TorchServe lists a restarting worker without READY)."""
+    return [w["pid"] for v in client.describe("mnist_lenet5") for w in v["workers"]
+            if w.get("pid") and w.get("status") == "READY"]

@@ -71,7 +71,7 @@ def admission(model: str, fmt: str, data_dir) -> tuple[dict | None, str | None]:
     """(validation record, None) when `fmt` of `model` may be archived, else (None, why not)."""
     try:
         validate.check_available(fmt)
-        if fmt in BUILDERS and not is_built(model, fmt):  # missing, or built with an older recipe
+        if fmt in BUILDERS and not is_built(model, fmt):  # missing, or built with an older recipe or weights
             build(model, fmt, data_dir)
         record = validate.ensure_validated(model, fmt, data_dir)
     except (validate.FormatUnavailable, FileNotFoundError) as e:

@@ -19,6 +19,7 @@ built with (<file>.recipe.json), so a changed recipe rebuilds it.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import tempfile
 import warnings
@@ -159,16 +160,26 @@ def serialized_path(model: str, fmt: str) -> Path:
 
 
 def recipe_path(model: str, fmt: str) -> Path:
-    """Written beside a built file: the recipe it was built with."""
+    """Written beside a built file: the recipe and weights it was built from."""
     path = serialized_path(model, fmt)
     return path.with_name(path.name + ".recipe.json")
 
 
+def weights_sha256(model: str) -> str:
+    return hashlib.sha256((WEIGHTS_DIR / f"{model}.pt").read_bytes()).hexdigest()
+
+
+def built_with(model: str, fmt: str) -> dict:
+    """What a build depends on: the recipe and the shipped weights (retrained weights rebuild it)."""
+    return {"recipe": FORMATS[fmt].recipe, "weights_sha256": weights_sha256(model)}
+
+
 def is_built(model: str, fmt: str) -> bool:
-    """Whether the file exists and, for the formats built here, was built with the current recipe."""
+    """Whether the file exists and, for the formats built here, was built from the current weights
+    with the current recipe."""
     if fmt not in BUILDERS:
         return serialized_path(model, fmt).exists()
-    return recipe_path(model, fmt).exists() and json.loads(recipe_path(model, fmt).read_text()) == FORMATS[fmt].recipe
+    return recipe_path(model, fmt).exists() and json.loads(recipe_path(model, fmt).read_text()) == built_with(model, fmt)
 
 
 def build(model: str, fmt: str, data_dir) -> Path:
@@ -178,7 +189,7 @@ def build(model: str, fmt: str, data_dir) -> Path:
     out = EXPORT_DIR / model
     out.mkdir(parents=True, exist_ok=True)
     BUILDERS[fmt](model, out, data_dir)
-    recipe_path(model, fmt).write_text(json.dumps(FORMATS[fmt].recipe))
+    recipe_path(model, fmt).write_text(json.dumps(built_with(model, fmt)))
     return serialized_path(model, fmt)
 
 

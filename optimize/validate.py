@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from handlers.runtimes import load_runtime
-from optimize.formats import FORMATS, serialized_path
+from optimize.formats import FORMATS, serialized_path, weights_sha256
 from training.data import load_split, normalize
 from training.models import dataset_of, load_weights
 from training.train import WEIGHTS_DIR, cpu_name
@@ -42,10 +42,6 @@ class FormatUnavailable(RuntimeError):
 
 def records_path(model: str) -> Path:
     return WEIGHTS_DIR / f"{model}_formats.json"
-
-
-def weights_sha256(model: str) -> str:
-    return hashlib.sha256((WEIGHTS_DIR / f"{model}.pt").read_bytes()).hexdigest()
 
 
 def load_records(model: str) -> dict:
@@ -110,7 +106,7 @@ def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(
     passed, reason = judge(delta)
     return {
         "format": fmt, "precision": FORMATS[fmt].precision, "file": path.name, "file_bytes": path.stat().st_size,
-        "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "file_sha256": file_sha256(path),
         "test_images": len(labels), "accuracy": accuracy, "fp32_accuracy": fp32_accuracy,
         "accuracy_delta_points": round(delta, 4),
         "agreement_images": AGREEMENT_IMAGES,
@@ -125,9 +121,16 @@ def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(
     }
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def is_current(record: dict | None, model: str, fmt: str) -> bool:
-    """Whether a stored record still describes these weights and this format's recipe."""
-    return bool(record) and record["weights_sha256"] == weights_sha256(model) and record["recipe"] == FORMATS[fmt].recipe
+    """Whether a stored record still describes these weights, this format's recipe and the file that
+    is served (a format rebuilt from retrained weights is validated again)."""
+    path = serialized_path(model, fmt)
+    return (bool(record) and record["weights_sha256"] == weights_sha256(model) and record["recipe"] == FORMATS[fmt].recipe
+            and path.exists() and record["file_sha256"] == file_sha256(path))
 
 
 def save_record(model: str, record: dict):

@@ -9,8 +9,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other
 DATA_DIR = ROOT.parent / "shared" / "data"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
-from serving.server import free_port  # noqa: E402  (for the tests: one helper, in serving/)
-
 
 @pytest.fixture(scope="session")
 def mnist_test():

@@ -10,14 +10,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 
 from drawing import draw_digit, png_bytes
 from handlers.prediction_log import PredictionLog, decode_pixels, url_for_run_dir
 from serving import server
-from tests.conftest import free_port, start_torchserve
+from tests.conftest import start_torchserve
 
 
 def send(client, images, tag, version=None):
@@ -74,7 +73,7 @@ def postgres():
     as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_postgres:
         shutil.chown(data, "postgres")
-    port = free_port()
+    port = server.free_port()
     subprocess.run(as_postgres + [f"{bin_dir}/initdb", "-D", str(data / "db"), "--auth=trust", "-U", "postgres"],
                    check=True, stdout=subprocess.DEVNULL)
     subprocess.run(as_postgres + [f"{bin_dir}/pg_ctl", "-D", str(data / "db"), "-l", str(data / "log"), "-w", "start",

@@ -9,8 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import requests
-import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from ts.context import Context, RequestProcessor

@@ -19,7 +19,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from drawing import STROKES
 from serving import server
-from tests.conftest import ARTIFACTS, ROOT, free_port, start_torchserve
+from tests.conftest import ARTIFACTS, ROOT, start_torchserve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -49,7 +49,7 @@ def ui_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ui_url(ui_server, tmp_path_factory):
     """Streamlit running ui/app.py against ui_server, as `make ui` runs it."""
-    port, log_path = free_port(), tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    port, log_path = server.free_port(), tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     env = dict(os.environ, TS_INFERENCE_URL=ui_server.inference_url, TS_MANAGEMENT_URL=ui_server.management_url,
                TS_KEY_FILE=str(ui_server.key_file))
     with open(log_path, "w") as log:

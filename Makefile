@@ -1,13 +1,17 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
 PY := .venv/bin/python
-DATA_DIR ?= ../shared/data
+# The real data sets (training, `make evaluate`): ../shared/data unless DATA_DIR says otherwise
+# (training/data.py). Everything else works without them.
+ifdef DATA_DIR
+export DATA_DIR
+endif
 UI_PORT ?= 8501
 # Models with shipped weights are exported, archived and served.
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo test test-prerequisites docs-screenshots evaluate corrections clean
+.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo demo-check test test-prerequisites docs-screenshots evaluate corrections clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
@@ -36,7 +40,7 @@ serving/grpc_stubs/inference_pb2_grpc.py: .venv/.installed serving/generate_grpc
 grpc: serving/grpc_stubs/inference_pb2_grpc.py
 
 optimize/exported/%/export.json: training/weights/%.pt optimize/export.py | venv
-	$(PY) -m optimize.export --model $* --data-dir $(DATA_DIR)
+	$(PY) -m optimize.export --model $*
 
 export: $(EXPORTS)
 
@@ -61,7 +65,11 @@ ui: venv
 	@echo "UI: http://127.0.0.1:$(UI_PORT)"
 
 demo: serve ui
+	@$(PY) -m serving.demo_check --ui-port $(UI_PORT)
 	@echo "Open http://127.0.0.1:$(UI_PORT) to draw a digit; \`make stop\` stops everything."
+
+demo-check: venv  # a prediction from every served model and an answer from the UI
+	$(PY) -m serving.demo_check --ui-port $(UI_PORT)
 
 test-prerequisites: venv chromium postgres grpc archive
 
@@ -72,13 +80,13 @@ docs-screenshots: test-prerequisites  # refresh docs/ui_*.png from a browser run
 	UPDATE_DOCS=1 $(PY) -m pytest tests/test_ui.py
 
 evaluate: venv
-	$(PY) -m training.evaluate --data-dir $(DATA_DIR)
+	$(PY) -m training.evaluate
 
 corrections: venv  # predictions users corrected, as a data set: make corrections MODEL=mnist_lenet5
 	$(PY) -m serving.corrections --model $(MODEL) --out data/corrections/$(MODEL)
 
 train-%: venv
-	$(PY) -m training.train --model $* --data-dir $(DATA_DIR) --ship
+	$(PY) -m training.train --model $* --ship
 
 clean: stop
 	rm -rf optimize/exported model_store/*.mar model_store/manifest.json .run

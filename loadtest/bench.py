@@ -47,6 +47,7 @@ from loadtest.run import get_args_parser as load_args_parser, run_load  # noqa: 
 from model_store.archive import archive_name, load_settings  # noqa: E402
 from serving import server  # noqa: E402
 from serving.client import read_properties  # noqa: E402
+from training.data import DEFAULT_DATA_DIR  # noqa: E402
 
 SWEEP_S = 25  # seconds of load per sweep point (the first WARMUP_S are left out)
 FINAL_S = 45  # seconds of load per side-by-side run
@@ -249,7 +250,7 @@ def cpu_per_request(before: tuple, after: tuple, summary: dict, names: tuple[str
 
 def model_time(model: str, batch_sizes=(1, 8)) -> dict:
     """In-process cost with one thread: preprocessing per image, forward pass per batch (ms)."""
-    predictor, pool = Predictor(model, threads=1), labeled_pool(model, settings.DATA_DIR)
+    predictor, pool = Predictor(model, threads=1), labeled_pool(model, DEFAULT_DATA_DIR)
     start = time.perf_counter()
     pixels = [predictor.pixels(s.image) for s in pool]
     result = {"preprocess_ms_per_image": round((time.perf_counter() - start) * 1000 / len(pool), 3)}

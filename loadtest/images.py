@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from loadtest.flask_baseline import Predictor
 from loadtest.settings import MIN_MARGIN, POOL_SIZE
 from tests.drawing import STROKES, draw_digit, png_bytes
-from training.data import CLASSES, load_cifar10, load_split
+from training.data import CLASSES, has_dataset, load_cifar10, load_split
 from training.models import dataset_of
 
 STROKE_WIDTHS_PX = (10, 18, 26)  # pen widths of drawn digits on a 280x280 canvas
@@ -61,11 +61,8 @@ def drawn_scenes(n: int, seed: int = 0) -> list[tuple[bytes, None]]:
 
 def candidates(dataset: str, data_dir: Path, n: int) -> list[tuple[bytes, str | None]]:
     """(PNG, true label or None): real test images when present, else drawn ones."""
-    real = {"mnist": (Path(data_dir) / "MNIST" / "raw" / "t10k-images-idx3-ubyte", mnist_images),
-            "cifar10": (Path(data_dir) / "cifar-10-batches-bin", cifar_images)}
-    marker, load = real[dataset]
-    if marker.exists():
-        return load(data_dir, n)
+    if has_dataset(dataset, data_dir):
+        return {"mnist": mnist_images, "cifar10": cifar_images}[dataset](data_dir, n)
     return drawn_digits() if dataset == "mnist" else drawn_scenes(DRAWN_SCENES)
 
 

@@ -24,6 +24,7 @@ from loadtest import settings  # noqa: E402
 from loadtest.images import labeled_pool  # noqa: E402
 from loadtest.traffic import PING, Traffic, parse_targets  # noqa: E402
 from serving.client import ServeError, read_key, read_properties  # noqa: E402
+from training.data import DEFAULT_DATA_DIR  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()  # gRPC calls must yield to gevent, or one user blocks all others
 
@@ -121,7 +122,7 @@ def add_options(parser):
     parser.add_argument("--check-every", type=int, default=settings.CHECK_EVERY)
     parser.add_argument("--max-error-rate", type=float, default=settings.MAX_ERROR_RATE)
     parser.add_argument("--max-requests", type=int, default=settings.MAX_REQUESTS)
-    parser.add_argument("--data-dir", default=str(settings.DATA_DIR))
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument("--samples-csv", default="", help="write every request here at the end")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from loadtest import settings
 from loadtest.report import write_report
+from training.data import DEFAULT_DATA_DIR
 from serving.client import TorchServeClient
 
 HERE = Path(__file__).resolve().parent
@@ -100,7 +101,7 @@ def get_args_parser():
     p.add_argument("--ts-config", type=Path, default=settings.TS_CONFIG, help="the server's config.properties")
     p.add_argument("--key-file", default=str(settings.KEY_FILE), help="the server's key file ('' = no token)")
     p.add_argument("--host", default="", help="REST base URL (default: inference_address of --ts-config)")
-    p.add_argument("--data-dir", type=Path, default=settings.DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, help="results folder (default: results/loadtest/<time>)")
     return p
 

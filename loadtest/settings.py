@@ -7,7 +7,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # these point elsewhere (e.g. archives built from a training checkpoint, to measure before training ends).
 MODEL_STORE = Path(os.environ.get("LOADTEST_MODEL_STORE", ROOT / "model_store"))
 EXPORT_DIR = Path(os.environ.get("LOADTEST_EXPORT_DIR", ROOT / "optimize" / "exported"))
-DATA_DIR = ROOT.parent / "shared" / "data"  # real MNIST / CIFAR-10 test images when present
 TS_CONFIG = ROOT / "config.properties"  # what `make serve` runs with
 KEY_FILE = ROOT / ".run" / "key_file.json"  # tokens of the server `make serve` started
 RESULTS_DIR = ROOT / "results" / "loadtest"  # git-ignored: one folder per run

@@ -31,8 +31,8 @@ import yaml
 
 from optimize import validate
 from optimize.export import EXPORT_DIR
-from optimize.formats import BUILDERS, FORMATS, build, is_built, serialized_path
-from training.data import CLASSES, MEAN, STD
+from optimize.formats import BUILDERS, FORMATS, is_built, serialized_path
+from training.data import CLASSES, DEFAULT_DATA_DIR, MEAN, STD, data_dir_arg
 from training.models import dataset_of
 from training.train import WEIGHTS_DIR
 
@@ -67,17 +67,29 @@ def model_config(settings: dict, model: str, fmt: str) -> dict:
     return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
 
 
+def build_isolated(model: str, fmt: str, data_dir):
+    """Build `fmt` in a fresh interpreter: a TorchScript file names its classes after what the process
+    traced before, so only a fresh process writes the same bytes as the build that was validated."""
+    done = subprocess.run([sys.executable, "-m", "optimize.formats", "--model", model, "--formats", fmt,
+                           "--data-dir", str(data_dir)], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildFailed(f"building {fmt} failed: {last.removeprefix('error: ')}")
+
+
+class BuildFailed(RuntimeError):
+    pass
+
+
 def admission(model: str, fmt: str, data_dir) -> tuple[dict | None, str | None]:
     """(validation record, None) when `fmt` of `model` may be archived, else (None, why not)."""
     try:
         validate.check_available(fmt)
         if fmt in BUILDERS and not is_built(model, fmt):  # missing, or built with an older recipe or weights
-            build(model, fmt, data_dir)
+            build_isolated(model, fmt, data_dir)
         record = validate.ensure_validated(model, fmt, data_dir)
-    except (validate.FormatUnavailable, FileNotFoundError) as e:
+    except (validate.FormatUnavailable, validate.NoMatchingRecord, BuildFailed, FileNotFoundError) as e:
         return None, str(e)
-    except RuntimeError as e:  # e.g. torchvision's "Dataset not found" when there is no data to validate on
-        return None, f"cannot build or validate {fmt}: {e}"
     return (record, None) if record["passed"] else (None, record["reason"])
 
 
@@ -120,19 +132,38 @@ def main(args):
             record, refused = admission(model, fmt, args.data_dir)
             if refused:
                 (STORE / archive_name(model, version)).unlink(missing_ok=True)  # never serve a stale archive
-                print(f"refused {model} {version} ({fmt}): {refused}", file=sys.stderr)
+                verdict = "refused" if refused.startswith("loses") else "skipped"  # failed, or not checkable here
+                print(f"{verdict} {model} {version} ({fmt}): {refused}", file=sys.stderr)
                 continue
             manifest.append(build_archive(settings, model, version, fmt, load, record))
             print(f"archived {archive_name(model, version)} ({fmt}: {100 * record['accuracy']:.2f}%, "
                   f"{record['accuracy_delta_points']:+.2f} points vs fp32){'' if load else ', not loaded at start'}")
     manifest_path.write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
+    summarize(settings, models, manifest)
+
+
+def summarize(settings: dict, models: list[str], manifest: list[dict]):
+    """Say what will be served where a version is missing; exit 1 when a model has no archive at all."""
+    empty = []
+    for model in models:
+        entry, archived = settings["models"][model], [m["version"] for m in manifest if m["model"] == model]
+        if not archived:
+            empty.append(model)
+        elif entry["default"] not in archived:
+            started = [v for v in archived if version_spec(entry["versions"][v])[1]] or archived
+            print(f"note: {model}'s default version {entry['default']} is not archived here; TorchServe serves "
+                  f"{started[0]} as its default", file=sys.stderr)
+    if empty:
+        sys.exit(f"error: nothing archived for {', '.join(empty)} (see the reasons above)")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="model names (default: all in models.yaml)")
-    p.add_argument("--data-dir", default="../shared/data",
-                   help="test split for validation, training images for INT8 calibration")
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+                   help="test split for validating a format no committed record describes, training images "
+                        "for INT8 calibration when its committed ranges are stale (default: $DATA_DIR or "
+                        "../shared/data; a checkout without it archives what the committed records cover)")
     return p
 
 

@@ -35,9 +35,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from handlers.runtimes import load_runtime
-from optimize.export import EXPORT_DIR, INPUT_SHAPE
+from optimize.export import EXPORT_DIR
 from optimize.formats import FORMATS, serialized_path
 from optimize.validate import load_records
+from training.data import INPUT_SHAPE
 from training.models import MODELS, build_model, dataset_of
 from training.train import cpu_name
 

@@ -18,8 +18,8 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from training.data import test_dataset
-from training.models import dataset_of, load_weights
+from training.data import DEFAULT_DATA_DIR, DataMissing, INPUT_SHAPE, data_dir_arg, test_dataset
+from training.models import MODELS, dataset_of, load_weights
 from training.train import WEIGHTS_DIR
 
 # TorchScript is deprecated in torch 2.14 in favour of torch.export, but it is still what TorchServe's
@@ -28,14 +28,13 @@ warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarn
 
 EXPORT_DIR = Path(__file__).parent / "exported"
 TOLERANCE = 1e-3  # max |logit difference| accepted between an export and eager fp32
-INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def check_inputs(dataset: str, data_dir, n: int = 256) -> tuple[torch.Tensor, str]:
     try:
         ds = test_dataset(dataset, data_dir)
         return torch.stack([ds[i][0] for i in range(n)]), f"{dataset} test split, first {n} images"
-    except (FileNotFoundError, RuntimeError):
+    except DataMissing:
         return torch.randn(n, *INPUT_SHAPE[dataset], generator=torch.Generator().manual_seed(0)), \
             f"{n} random tensors ({dataset} data set not found in {data_dir})"
 
@@ -103,8 +102,9 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+                   help="parity is checked on its first test images; on random tensors without it")
     p.add_argument("--output-dir", help="default optimize/exported/<model>")
     return p
 

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -29,9 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from optimize.export import EXPORT_DIR, INPUT_SHAPE, export_onnx
-from training.data import load_split, normalize
-from training.models import dataset_of, load_weights
+from optimize.export import EXPORT_DIR, export_onnx
+from training.data import DEFAULT_DATA_DIR, DataMissing, INPUT_SHAPE, data_dir_arg, load_split, normalize
+from training.models import MODELS, dataset_of, load_weights
 from training.train import WEIGHTS_DIR
 
 # ONNX Runtime static INT8. QDQ, ONNX Runtime's recommended format: its graph optimiser fuses the Q/DQ
@@ -116,14 +117,16 @@ def calibration_images(model: str, data_dir, n: int, seed: int) -> np.ndarray:
     return normalize(dataset)(images[pick]).numpy()
 
 
-def build_onnx_int8(model: str, out: Path, data_dir):
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def calibration_cache_path(model: str) -> Path:
+    """The INT8 activation ranges measured on training images, committed beside the weights, so that a
+    checkout without the data sets builds the same INT8 file."""
+    return WEIGHTS_DIR / f"{model}_int8_calibration.json"
 
-    fp32 = out / FORMATS["onnx"].filename
-    if not fp32.exists():
-        raise FileNotFoundError(f"{fp32} is missing: run `python -m optimize.export --model {model}` first")
+
+def calibration_batches(model: str, data_dir):
+    """ONNX Runtime's calibration reader over the recipe's training images (needs the data set)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
     r = INT8_RECIPE
     images = calibration_images(model, data_dir, r["calibration_images"], r["calibration_seed"])
 
@@ -135,14 +138,35 @@ def build_onnx_int8(model: str, out: Path, data_dir):
             start = next(self.batches, None)
             return None if start is None else {"images": images[start: start + r["calibration_batch"]]}
 
+    return Batches()
+
+
+def build_onnx_int8(model: str, out: Path, data_dir):
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32 = out / FORMATS["onnx"].filename
+    if not fp32.exists():
+        raise FileNotFoundError(f"{fp32} is missing: run `python -m optimize.export --model {model}` first")
+    r, cache = INT8_RECIPE, calibration_cache_path(model)
+    stored = json.loads(cache.read_text()) if cache.exists() else None
+    current = stored is not None and stored["built_with"] == built_with(model, "onnx_int8")
     with tempfile.TemporaryDirectory() as tmp:
+        ranges = Path(tmp) / "ranges.json"  # ONNX Runtime's calibration cache: read when present, else written
+        if current:
+            ranges.write_text(json.dumps(stored["ranges"]))
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared))
-        quantize_static(str(prepared), str(out / FORMATS["onnx_int8"].filename), Batches(),
+        quantize_static(str(prepared), str(out / FORMATS["onnx_int8"].filename),
+                        None if current else calibration_batches(model, data_dir),
                         quant_format=getattr(QuantFormat, r["quant_format"]), per_channel=r["per_channel"],
                         activation_type=getattr(QuantType, r["activation_type"]),
                         weight_type=getattr(QuantType, r["weight_type"]),
-                        calibrate_method=getattr(CalibrationMethod, r["calibrate_method"]))
+                        calibrate_method=getattr(CalibrationMethod, r["calibrate_method"]),
+                        calibration_cache_path=ranges)
+        if not current:
+            cache.write_text(json.dumps({"built_with": built_with(model, "onnx_int8"),
+                                         "ranges": json.loads(ranges.read_text())}, indent=1) + "\n")
 
 
 def build_onnx_fp16(model: str, out: Path, data_dir):
@@ -197,15 +221,20 @@ def main(args):
     steps = tqdm(args.formats, desc=f"formats of {args.model}")
     for fmt in steps:
         steps.set_postfix_str(fmt)
-        path = build(args.model, fmt, args.data_dir)
+        try:
+            path = build(args.model, fmt, args.data_dir)
+        except DataMissing as e:
+            sys.exit(f"error: {fmt} of {args.model} needs calibration images and its committed ranges "
+                     f"({calibration_cache_path(args.model).name}) are for other weights or another recipe: {e}")
         tqdm.write(f"built {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--formats", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
-    p.add_argument("--data-dir", default="../shared/data", help="training images calibrate the INT8 model")
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+                   help="training images calibrate the INT8 model (when its committed ranges are stale)")
     return p
 
 

@@ -17,7 +17,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,8 @@ from tqdm import tqdm
 
 from handlers.runtimes import load_runtime
 from optimize.formats import FORMATS, serialized_path, weights_sha256
-from training.data import load_split, normalize
-from training.models import dataset_of, load_weights
+from training.data import DEFAULT_DATA_DIR, DataMissing, data_dir_arg, has_dataset, load_split, normalize
+from training.models import MODELS, dataset_of, load_weights
 from training.train import WEIGHTS_DIR, cpu_name
 
 MAX_ACCURACY_LOSS = 0.3  # points of test accuracy a format may lose against eager fp32 and still be archived
@@ -38,6 +40,10 @@ BATCH = 250  # images per call while validating (divides the 10,000-image test s
 
 class FormatUnavailable(RuntimeError):
     """The format cannot run on this machine (TensorRT without a GPU), so it cannot be validated here."""
+
+
+class NoMatchingRecord(FileNotFoundError):
+    """No committed record describes this build, and the test split to validate it is not here."""
 
 
 def records_path(model: str) -> Path:
@@ -122,15 +128,37 @@ def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(
 
 
 def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of what a serialized model computes with. A TorchScript file is a zip whose `*.debug_pkl`
+    entries hold the absolute paths of the Python sources it was traced from (they differ between
+    checkouts and never change a result), so those entries are left out; any other file is hashed whole."""
+    if not zipfile.is_zipfile(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(path) as archive:
+        for name in sorted(n for n in archive.namelist() if not n.endswith(".debug_pkl")):
+            digest.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
+    return digest.hexdigest()
+
+
+def mismatch(record: dict | None, model: str, fmt: str) -> str | None:
+    """Why a stored record does not describe the file that would be served, or None when it does
+    (a format rebuilt from retrained weights or with another recipe is validated again)."""
+    path = serialized_path(model, fmt)
+    if not record:
+        return "no validation record"
+    if record["weights_sha256"] != weights_sha256(model):
+        return "the validation record is for other weights"
+    if record["recipe"] != FORMATS[fmt].recipe:
+        return "the validation record is for another recipe"
+    if not path.exists():
+        return f"{path} is missing"
+    if record["file_sha256"] != file_sha256(path):
+        return f"the validation record is for another build of {path.name}"
+    return None
 
 
 def is_current(record: dict | None, model: str, fmt: str) -> bool:
-    """Whether a stored record still describes these weights, this format's recipe and the file that
-    is served (a format rebuilt from retrained weights is validated again)."""
-    path = serialized_path(model, fmt)
-    return (bool(record) and record["weights_sha256"] == weights_sha256(model) and record["recipe"] == FORMATS[fmt].recipe
-            and path.exists() and record["file_sha256"] == file_sha256(path))
+    return mismatch(record, model, fmt) is None
 
 
 def save_record(model: str, record: dict):
@@ -142,10 +170,14 @@ def save_record(model: str, record: dict):
 
 
 def ensure_validated(model: str, fmt: str, data_dir) -> dict:
-    """The stored record when it is current, else a fresh validation (saved). Raises FormatUnavailable."""
+    """The stored record when it is current, else a fresh validation (saved). Raises FormatUnavailable,
+    or NoMatchingRecord when the record is stale and the test split is not in data_dir."""
     record = load_records(model)["formats"].get(fmt)
-    if is_current(record, model, fmt):
+    why = mismatch(record, model, fmt)
+    if why is None:
         return record
+    if not has_dataset(dataset_of(model), data_dir):
+        raise NoMatchingRecord(f"{why} and the {dataset_of(model)} test split is not in {data_dir} to validate it")
     record = validate_format(model, fmt, data_dir)
     save_record(model, record)
     return record
@@ -185,6 +217,8 @@ def main(args):
         except FormatUnavailable as e:
             print(f"skip {fmt}: {e}")
             continue
+        except DataMissing as e:
+            sys.exit(f"error: validating needs the official test split: {e}")
         save_record(args.model, record)
         print(f"{args.model} {fmt}: accuracy {100 * record['accuracy']:.2f}% "
               f"({record['accuracy_delta_points']:+.2f} points vs fp32), top-1 agreement "
@@ -195,9 +229,9 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, choices=sorted(MODELS))
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), help="default: every format built for the model")
-    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     return p
 

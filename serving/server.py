@@ -11,11 +11,14 @@ on free ports with `start(run_dir, overrides={...})`.
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
@@ -61,12 +64,14 @@ def free_ports() -> dict:
 def startup_models(store: Path = STORE) -> list[str]:
     """`name=archive` for every archived version not marked `load: false` in models.yaml, each model's
     default version first (TorchServe makes the first version it loads the default). The others are
-    registered on demand: `python -m serving.modelctl register <archive>`."""
+    registered on demand: `python -m serving.modelctl register <archive>`. A model none of whose
+    start-up versions is archived (e.g. built without the data sets) starts with its first archived one."""
     settings, models = load_settings(), []
     for model, entry in settings["models"].items():
         versions = sorted(entry["versions"], key=lambda v: v != entry["default"])
-        models += [f"{model}={archive_name(model, v)}" for v in versions
-                   if version_spec(entry["versions"][v])[1] and (store / archive_name(model, v)).exists()]
+        archived = [v for v in versions if (store / archive_name(model, v)).exists()]
+        started = [v for v in archived if version_spec(entry["versions"][v])[1]] or archived[:1]
+        models += [f"{model}={archive_name(model, v)}" for v in started]
     return models
 
 
@@ -79,19 +84,62 @@ def _env(run_dir: Path) -> dict:
                 METRICS_LOCATION=str(logs), PREDICTION_LOG_URL=url_for_run_dir(run_dir))
 
 
+class StartError(RuntimeError):
+    """TorchServe cannot start here: the message says why and what to do."""
+
+
+def check_java():
+    """TorchServe 0.12's frontend is a Java 17 program."""
+    java = shutil.which("java")
+    if java is None:
+        raise StartError("TorchServe needs Java 17 and `java` is not on PATH: `make java` installs it "
+                         "(apt-get install openjdk-17-jre-headless)")
+    version = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    major = re.search(r'version "(\d+)', version)
+    if major is None or int(major.group(1)) < 17:
+        raise StartError(f"TorchServe needs Java 17 or newer; {java} is {version.splitlines()[0] if version else '?'}")
+
+
+def listeners(config: Path) -> dict[str, tuple[str, int]]:
+    """Every (host, port) TorchServe will bind, by config key."""
+    props = read_properties(config)
+    found = {key: (urlsplit(props[key]).hostname, urlsplit(props[key]).port)
+             for key in ("inference_address", "management_address", "metrics_address")}
+    for kind in ("inference", "management"):
+        found[f"grpc_{kind}_port"] = (props[f"grpc_{kind}_address"], int(props[f"grpc_{kind}_port"]))
+    return found
+
+
+def check_ports_free(config: Path):
+    for key, (host, port) in listeners(config).items():
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                raise StartError(f"port {port} on {host} ({key} in config.properties) is already in use: another "
+                                 "TorchServe (`make stop`) or another program holds it") from None
+
+
 def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,
           store: Path = STORE, timeout: float = 240) -> TorchServeClient:
     """Start TorchServe in the background and wait until every model has a ready worker."""
     run_dir = Path(run_dir).resolve()
+    if pid(run_dir) is not None:
+        raise StartError(f"TorchServe already runs from {run_dir} (pid {pid(run_dir)}): `make stop` first")
+    models = startup_models(store) if models is None else models
+    if not models:
+        raise StartError(f"no archives in {store}: `make archive` builds them (`make demo` does it all)")
+    check_java()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key_file.json").unlink(missing_ok=True)
     config = write_config(run_dir, store, overrides)
-    models = startup_models(store) if models is None else models
-    if not models:
-        raise RuntimeError(f"no archives in {store}: run `make archive` first")
-    subprocess.run([str(TORCHSERVE), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(store),
-                    "--log-config", str(LOG_CONFIG), "--models", *models],
-                   cwd=run_dir, env=_env(run_dir), check=True, stdout=subprocess.DEVNULL)
+    check_ports_free(config)
+    started = subprocess.run([str(TORCHSERVE), "--start", "--ncs", "--ts-config", str(config), "--model-store",
+                              str(store), "--log-config", str(LOG_CONFIG), "--models", *models],
+                             cwd=run_dir, env=_env(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if started.returncode:
+        raise StartError(f"torchserve --start failed ({started.stderr.strip()[-300:] or 'no message'}); "
+                         f"see {run_dir / 'logs'}")
     client = TorchServeClient.from_config(config, run_dir / "key_file.json")
     wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)
     return client
@@ -108,7 +156,7 @@ def wait_ready(client: "TorchServeClient", models: set, timeout: float, run_dir:
         except RuntimeError:
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {run_dir / 'logs'}")
+    raise StartError(f"TorchServe not ready after {timeout:.0f}s; see {run_dir / 'logs'}")
 
 
 def pid(run_dir: Path = RUN_DIR) -> int | None:
@@ -143,9 +191,10 @@ def main():
     p.add_argument("action", choices=["start", "stop", "status"])
     action = p.parse_args().action
     if action == "start":
-        if pid() is not None:
-            sys.exit(f"TorchServe already runs (pid {pid()}); `make stop` first")
-        client = start()
+        try:
+            client = start()
+        except StartError as e:
+            sys.exit(f"error: {e}")
         props = read_properties(CONFIG)
         print(f"TorchServe is up: inference {props['inference_address']}, management "
               f"{props['management_address']}, metrics {props['metrics_address']}, gRPC "

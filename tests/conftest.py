@@ -6,14 +6,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other as shipped in the .mar
-DATA_DIR = ROOT.parent / "shared" / "data"
+from training.data import DEFAULT_DATA_DIR as DATA_DIR, has_dataset  # noqa: E402
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
 @pytest.fixture(scope="session")
 def mnist_test():
     """(images uint8 N x 28 x 28, labels) of the official MNIST test split."""
-    if not (DATA_DIR / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
+    if not has_dataset("mnist", DATA_DIR):
         pytest.skip(f"MNIST not found under {DATA_DIR} (a fresh clone has no ../shared/data)")
     from training.data import load_split
     images, labels = load_split("mnist", DATA_DIR, train=False)
@@ -31,7 +31,7 @@ def shipped(model: str):
 
 @pytest.fixture(scope="session")
 def cifar_test():
-    if not (DATA_DIR / "cifar-10-batches-bin").exists():
+    if not has_dataset("cifar10", DATA_DIR):
         pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (a fresh clone has no ../shared/data)")
     from training.data import load_cifar10
     return load_cifar10(DATA_DIR, train=False)

@@ -62,8 +62,10 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
         shutil.copy(formats.EXPORT_DIR / MODEL / name, exported / MODEL / name)
     shutil.copy(validate.WEIGHTS_DIR / f"{MODEL}.pt", weights)
     monkeypatch.setattr(formats, "EXPORT_DIR", exported)
+    monkeypatch.setattr(formats, "WEIGHTS_DIR", weights)  # no committed calibration ranges there: calibrates
     monkeypatch.setattr(validate, "WEIGHTS_DIR", weights)
     monkeypatch.setattr(archive, "STORE", store)
+    monkeypatch.setattr(archive, "build_isolated", formats.build)  # in this process, to see the patches
     real_images = formats.calibration_images
 
     def blank_images(model, data_dir, n, seed):  # every pixel at the normalised value of black

@@ -4,7 +4,9 @@ MNIST comes through torchvision's MNIST class. CIFAR-10 comes either through tor
 CIFAR10 class (the python pickles it downloads) or from the official binary version
 (`cifar-10-batches-bin/*.bin` or `*.bin.gz`), which torchvision does not read.
 """
+import argparse
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,42 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+# Where the real data sets live: beside the checkout (../shared/data), or wherever DATA_DIR points.
+# Only training, `make evaluate` and validating a newly built format read them; a fresh clone without
+# them still exports, archives (from the committed validation records) and serves every model.
+DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+# The files each data set needs, relative to the data directory (either one of a tuple will do).
+SPLIT_FILES = {"mnist": ("MNIST/raw/t10k-images-idx3-ubyte",),
+               "cifar10": ("cifar-10-batches-bin", "cifar-10-batches-py")}
+
+
+class DataMissing(FileNotFoundError):
+    """A data set that is not in the data directory (a fresh clone has none)."""
+
+
+def data_dir_arg(value: str) -> Path:
+    """argparse type of --data-dir: a directory given on the command line must exist (the default may not)."""
+    if not Path(value).is_dir():
+        raise argparse.ArgumentTypeError(f"the data directory {value} does not exist")
+    return Path(value)
+
+
+def has_dataset(dataset: str, data_dir) -> bool:
+    return any((Path(data_dir) / name).exists() for name in SPLIT_FILES[dataset])
+
+
+def require_dataset(dataset: str, data_dir):
+    if not Path(data_dir).is_dir():
+        raise DataMissing(f"the data directory {data_dir} does not exist (set DATA_DIR or pass --data-dir; "
+                          f"see README: data sets)")
+    if not has_dataset(dataset, data_dir):
+        raise DataMissing(f"{dataset} is not in {data_dir} (expected {' or '.join(SPLIT_FILES[dataset])})")
+
+
 # Per-channel statistics of the training images, in [0, 1] units. The handlers ship the same numbers.
 MEAN = {"mnist": (0.1307,), "cifar10": (0.4914, 0.4822, 0.4465)}
 STD = {"mnist": (0.3081,), "cifar10": (0.2470, 0.2435, 0.2616)}
+INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # C, H, W of one image the models take
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CLASSES = {"mnist": tuple(str(d) for d in range(10)), "cifar10": CIFAR10_CLASSES}
 CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 red, 1024 green, 1024 blue
@@ -65,7 +100,9 @@ def load_cifar10(data_dir, train: bool, download: bool = False) -> tuple[np.ndar
 
 
 def load_split(dataset: str, data_dir, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as (uint8 N x C x H x W, int64 N)."""
+    """A whole split as (uint8 N x C x H x W, int64 N). Raises DataMissing when the files are absent."""
+    if not download:
+        require_dataset(dataset, data_dir)
     if dataset == "mnist":
         ds = datasets.MNIST(data_dir, train=train, download=download)
         return ds.data.unsqueeze(1), ds.targets.long()

@@ -6,12 +6,13 @@ The published anchors are quoted beside each figure so the distance to the state
 """
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from training.data import test_dataset
+from training.data import DEFAULT_DATA_DIR, DataMissing, data_dir_arg, test_dataset
 from training.models import MODELS, dataset_of, load_weights
 from training.train import PRESETS, WEIGHTS_DIR, evaluate
 
@@ -32,7 +33,10 @@ def main(args):
             rows.append(f"| {name} | not shipped yet | | | | {ANCHORS[name]} |")
             continue
         model = load_weights(name, weights)
-        ds = test_dataset(dataset_of(name), args.data_dir)
+        try:
+            ds = test_dataset(dataset_of(name), args.data_dir)
+        except DataMissing as e:
+            sys.exit(f"error: evaluation needs the official test splits: {e}")
         _, acc, _ = evaluate(model, DataLoader(ds, 500), desc=name)
         p = PRESETS[name]
         recipe = (f"{p.epochs} epochs, batch {p.batch_size}, one-cycle SGD lr {p.lr}, wd {p.weight_decay}, "
@@ -48,7 +52,7 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR)
     p.add_argument("--output", default="results/evaluation.md")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     return p

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data import CLASSES, test_dataset, train_val_datasets
+from training.data import CLASSES, DEFAULT_DATA_DIR, DataMissing, data_dir_arg, test_dataset, train_val_datasets
 from training.models import build_model, dataset_of, load_weights
 from training.report import plot_confusion, plot_curves, write_model_card
 
@@ -53,7 +53,8 @@ PRESETS = {
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(PRESETS))
-    p.add_argument("--data-dir", default="../shared/data", help="holds MNIST/raw or cifar-10-batches-bin")
+    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+                   help="holds MNIST/raw or cifar-10-batches-bin (default: $DATA_DIR or ../shared/data)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set (needs internet)")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<model>)")
     p.add_argument("--epochs", type=int, help="override the preset")
@@ -65,6 +66,8 @@ def get_args_parser():
     p.add_argument("--init-from", help="start from these weights (fine-tuning), e.g. training/weights/<model>.pt")
     p.add_argument("--extra-train", help="an .npz of extra training images and labels, e.g. from "
                                          "`python -m serving.corrections` (user-corrected predictions)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last.pt (written after every epoch)")
     p.add_argument("--ship", action="store_true", help="write training/weights/<model>.pt and its model card")
     return p
 
@@ -91,8 +94,9 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, bf16: bool, 
 
 
 @torch.no_grad()
-def evaluate(model, loader, bf16: bool = False, num_classes: int = 10, desc: str = "eval"):
-    """-> (mean cross-entropy, accuracy, confusion matrix [true, predicted])."""
+def evaluate(model, loader, bf16: bool = False, num_classes: int = 10, desc: str = "eval", flip_tta: bool = False):
+    """-> (mean cross-entropy, accuracy, confusion matrix [true, predicted]). flip_tta averages the
+    logits of each image and its mirror image (test-time augmentation, twice the cost)."""
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     total_loss, seen = 0.0, 0
@@ -101,6 +105,8 @@ def evaluate(model, loader, bf16: bool = False, num_classes: int = 10, desc: str
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(images).float()
+            if flip_tta:
+                logits = (logits + model(images.flip(3)).float()) / 2
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).view(
             num_classes, num_classes)
@@ -137,6 +143,15 @@ def cast_state_dict(model, dtype: str):
     return {k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
 
 
+def resume_state(path: Path, preset: Preset) -> dict:
+    if not path.exists():
+        raise SystemExit(f"error: --resume: no checkpoint at {path} (give the run's --output-dir)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["preset"] != dataclasses.asdict(preset):
+        raise SystemExit(f"error: --resume: {path} was trained with {state['preset']}, not {dataclasses.asdict(preset)}")
+    return state
+
+
 def main(args):
     preset = PRESETS[args.model]
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr") if getattr(args, k) is not None}
@@ -149,13 +164,16 @@ def main(args):
     out = Path(args.output_dir or f"runs/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
 
-    train_ds, val_ds = train_val_datasets(dataset, args.data_dir, preset.val_size, args.seed, args.download)
-    test_ds = test_dataset(dataset, args.data_dir, args.download)
+    try:
+        train_ds, val_ds = train_val_datasets(dataset, args.data_dir, preset.val_size, args.seed, args.download)
+        test_ds = test_dataset(dataset, args.data_dir, args.download)
+    except DataMissing as e:
+        sys.exit(f"error: training needs the real data set: {e}")
     train_ds, val_ds, test_ds = (_subset(d, args.limit) for d in (train_ds, val_ds, test_ds))
     if args.extra_train:
         add_extra_training_images(train_ds, args.extra_train)
-    train_loader = DataLoader(train_ds, preset.batch_size, shuffle=True, drop_last=True,
-                              generator=torch.Generator().manual_seed(args.seed))
+    shuffle = torch.Generator()  # re-seeded every epoch, so a resumed run sees the same order
+    train_loader = DataLoader(train_ds, preset.batch_size, shuffle=True, drop_last=True, generator=shuffle)
     val_loader = DataLoader(val_ds, 500)
     test_loader = DataLoader(test_ds, 500)
 
@@ -167,19 +185,32 @@ def main(args):
                                 weight_decay=preset.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, preset.lr, epochs=preset.epochs,
                                                     steps_per_epoch=len(train_loader), pct_start=0.25)
-    history, best_acc, start = [], -1.0, time.time()
-    for epoch in range(1, preset.epochs + 1):
+    history, best_acc, done, spent = [], -1.0, 0, 0.0
+    if args.resume:
+        state = resume_state(out / "last.pt", preset)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        history, best_acc, done, spent = state["history"], state["best_val_acc"], state["epoch"], state["seconds"]
+        print(f"resumed {out / 'last.pt'} after epoch {done}/{preset.epochs}", flush=True)
+    start = time.time() - spent
+    for epoch in range(done + 1, preset.epochs + 1):
+        shuffle.manual_seed(args.seed * 1000 + epoch)
         train_loss, train_acc = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, preset.bf16,
                                                 f"epoch {epoch}/{preset.epochs}")
         val_loss, val_acc, _ = evaluate(model, val_loader, preset.bf16, desc="validation")
         history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
                             val_acc=val_acc, seconds=round(time.time() - start, 1)))
         print(json.dumps(history[-1]), flush=True)
-        checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, args=vars(args),
-                          preset=dataclasses.asdict(preset))
-        torch.save(checkpoint, out / "last.pt")
-        if val_acc > best_acc:
-            best_acc = val_acc
+        best_acc = max(best_acc, val_acc)
+        # Everything a resumed run needs: the same weights, momentum, schedule position and random stream.
+        checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                          rng=torch.get_rng_state(), epoch=epoch, history=history, best_val_acc=best_acc,
+                          seconds=history[-1]["seconds"], args=vars(args), preset=dataclasses.asdict(preset))
+        torch.save(checkpoint, out / "last.tmp")
+        (out / "last.tmp").replace(out / "last.pt")  # never a half-written checkpoint
+        if val_acc >= best_acc:
             torch.save(checkpoint, out / "best.pt")
     wall = time.time() - start
 
@@ -190,13 +221,19 @@ def main(args):
     # Served models run in fp32 (or their own optimised formats); report the shipped cast in fp32 too.
     model.load_state_dict({k: v.float() if v.is_floating_point() else v
                            for k, v in cast_state_dict(model, preset.ship_dtype).items()})
-    _, shipped_acc, shipped_confusion = evaluate(model.float().to(memory_format=torch.contiguous_format),
-                                                 test_loader, desc=f"test ({preset.ship_dtype} weights, fp32 run)")
+    model = model.float().to(memory_format=torch.contiguous_format)
+    _, shipped_acc, shipped_confusion = evaluate(model, test_loader, desc=f"test ({preset.ship_dtype} weights, fp32 run)")
+    # Flip test-time augmentation costs two forward passes: measured on validation (which would decide
+    # whether it is served as a version of its own) and on test (reported only).
+    tta = dict(val_acc=evaluate(model, val_loader, desc="validation (shipped weights)")[1],
+               val_acc_tta=evaluate(model, val_loader, desc="validation, flip TTA", flip_tta=True)[1],
+               test_acc_tta=evaluate(model, test_loader, desc="test, flip TTA", flip_tta=True)[1]) \
+        if dataset == "cifar10" else None
     metrics = dict(model=args.model, dataset=dataset, preset=dataclasses.asdict(preset), best_epoch=best["epoch"],
                    best_val_acc=best_acc, test_loss=test_loss, test_acc=test_acc,
                    shipped_dtype=preset.ship_dtype, shipped_test_acc=shipped_acc,
                    per_class_acc=(shipped_confusion.diag() / shipped_confusion.sum(1)).tolist(),
-                   confusion=shipped_confusion.tolist(), history=history, wall_seconds=round(wall, 1),
+                   confusion=shipped_confusion.tolist(), flip_tta=tta, history=history, wall_seconds=round(wall, 1),
                    command="python -m training.train " + " ".join(sys.argv[1:]),
                    hardware=f"{cpu_name()}, {args.threads} threads, torch {torch.__version__}", train_images=len(train_ds), test_images=len(test_ds))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

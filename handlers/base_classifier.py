@@ -57,6 +57,8 @@ def _payload_and_options(row: dict, headers: dict):
             payload = json.loads(payload)
         except ValueError as e:
             raise BadInput(f"the body starts like JSON but is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BadInput("the JSON body is nested too deeply") from None
     if isinstance(payload, dict):
         options.update({k: str(payload[k]) for k in OPTION_KEYS if k in payload})
         if "data" not in payload:
@@ -173,13 +175,17 @@ class ImageClassifier:
         """-> one Item or BadInput per request."""
         items = []
         for i, row in enumerate(data):
-            headers = context.get_all_request_header(i)
             try:
-                payload, options = _payload_and_options(row, headers)
+                payload, options = _payload_and_options(row, context.get_all_request_header(i))
                 image = image_bytes(payload)
                 items.append(Item(self.preprocess_image(decode_image(image)), self._options(options), image))
             except BadInput as e:
                 items.append(e)
+            except Exception as e:  # noqa: BLE001 - the error boundary: one request never fails its batch
+                logging.getLogger(__name__).warning("request %s: unreadable payload (%s)", context.request_ids[i],
+                                                    e.__class__.__name__)
+                items.append(BadInput("this request could not be read as an image (PNG, JPEG or WebP as the raw "
+                                      'body, a multipart field or JSON {"data": "<base64>"})'))
         return items
 
     def inference(self, items):

@@ -47,9 +47,13 @@ def export_torchscript(model, example, path: Path):
 
 def export_onnx(model, example, path: Path):
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(model, (example,), str(path), dynamo=True, external_data=False,
-                      input_names=["images"], output_names=["logits"], dynamic_shapes=({0: batch},),
-                      verbose=False)
+    program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes=({0: batch},), verbose=False)
+    # Each node carries the Python stack it was traced from, with this checkout's absolute paths: left
+    # out, so the file is the same wherever it is built (and says nothing about the build machine).
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+    program.save(str(path), external_data=False)
 
 
 def max_difference(reference, run, inputs) -> float:

@@ -150,7 +150,7 @@ def build_onnx_int8(model: str, out: Path, data_dir):
         raise FileNotFoundError(f"{fp32} is missing: run `python -m optimize.export --model {model}` first")
     r, cache = INT8_RECIPE, calibration_cache_path(model)
     stored = json.loads(cache.read_text()) if cache.exists() else None
-    current = stored is not None and stored["built_with"] == built_with(model, "onnx_int8")
+    current = stored is not None and stored["built_with"] == calibration_key(model)
     with tempfile.TemporaryDirectory() as tmp:
         ranges = Path(tmp) / "ranges.json"  # ONNX Runtime's calibration cache: read when present, else written
         if current:
@@ -165,7 +165,7 @@ def build_onnx_int8(model: str, out: Path, data_dir):
                         calibrate_method=getattr(CalibrationMethod, r["calibrate_method"]),
                         calibration_cache_path=ranges)
         if not current:
-            cache.write_text(json.dumps({"built_with": built_with(model, "onnx_int8"),
+            cache.write_text(json.dumps({"built_with": calibration_key(model),
                                          "ranges": json.loads(ranges.read_text())}, indent=1) + "\n")
 
 
@@ -194,8 +194,18 @@ def weights_sha256(model: str) -> str:
 
 
 def built_with(model: str, fmt: str) -> dict:
-    """What a build depends on: the recipe and the shipped weights (retrained weights rebuild it)."""
-    return {"recipe": FORMATS[fmt].recipe, "weights_sha256": weights_sha256(model)}
+    """What a build depends on: the recipe and the shipped weights (retrained weights rebuild it), and
+    for INT8 the fp32 ONNX file it quantises."""
+    key = {"recipe": FORMATS[fmt].recipe, "weights_sha256": weights_sha256(model)}
+    if fmt == "onnx_int8":
+        source = serialized_path(model, "onnx")
+        key["onnx_sha256"] = hashlib.sha256(source.read_bytes()).hexdigest() if source.exists() else None
+    return key
+
+
+def calibration_key(model: str) -> dict:
+    """What the INT8 activation ranges depend on: the weights and the recipe's calibration images."""
+    return {"recipe": INT8_RECIPE, "weights_sha256": weights_sha256(model)}
 
 
 def is_built(model: str, fmt: str) -> bool:

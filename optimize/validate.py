@@ -129,13 +129,15 @@ def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(
 
 def file_sha256(path: Path) -> str:
     """sha256 of what a serialized model computes with. A TorchScript file is a zip whose `*.debug_pkl`
-    entries hold the absolute paths of the Python sources it was traced from (they differ between
-    checkouts and never change a result), so those entries are left out; any other file is hashed whole."""
+    entries hold the absolute paths of the Python sources it was traced from, and whose
+    `.data/serialization_id` is derived from them: they differ between checkouts and never change a
+    result, so they are left out. Any other file (ONNX: exported without stack traces) is hashed whole."""
     if not zipfile.is_zipfile(path):
         return hashlib.sha256(path.read_bytes()).hexdigest()
     digest = hashlib.sha256()
     with zipfile.ZipFile(path) as archive:
-        for name in sorted(n for n in archive.namelist() if not n.endswith(".debug_pkl")):
+        for name in sorted(n for n in archive.namelist()
+                           if not n.endswith((".debug_pkl", "/.data/serialization_id"))):
             digest.update(name.encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
     return digest.hexdigest()
 

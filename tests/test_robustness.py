@@ -136,6 +136,16 @@ class ImageHandlerCache:
         return cls.handler
 
 
+def test_a_deeply_nested_json_body_does_not_fail_its_batch(digits):
+    """5,000 levels of {"data": ...} once raised RecursionError, which escaped the handler and failed
+    every request batched with it."""
+    good = png_bytes(draw_digit(7))
+    nested = ('{"data":' * 5000 + '"x"' + "}" * 5000).encode()
+    responses = run(digits, [{"body": good}, {"body": nested}, {"body": good}])
+    assert [r.get("index") for r in responses] == [7, None, 7]
+    assert "nested too deeply" in responses[1]["message"]
+
+
 def test_decompression_bomb_is_refused_quickly(digits):
     buf = io.BytesIO()
     Image.new("L", (30000, 30000)).save(buf, format="PNG", optimize=True)  # ~1 MB file, 900 Mpx decoded

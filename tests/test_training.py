@@ -66,3 +66,35 @@ def test_fine_tuning_on_corrections_starts_from_weights_and_adds_the_samples(tmp
     assert metrics["train_images"] == 200 + 16
     # from scratch, 7 steps at lr 0.01 stay near chance (4 classes); the shipped weights know these digits
     assert metrics["test_acc"] > 0.5
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Stopped after epoch 2 of 3 and resumed: the same weights, schedule and history as a run that was
+    never stopped (the checkpoint holds momentum, schedule position and the random stream)."""
+    tiny_mnist(tmp_path)
+    common = ["--model", "mnist_lenet5", "--data-dir", str(tmp_path), "--epochs", "3", "--batch-size", "32",
+              "--limit", "200", "--threads", "1"]
+    train.main(train.get_args_parser().parse_args(common + ["--output-dir", str(tmp_path / "whole")]))
+
+    real_epoch, calls = train.train_one_epoch, []
+
+    def stop_in_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", stop_in_third_epoch)
+    parts = common + ["--output-dir", str(tmp_path / "parts")]
+    try:
+        train.main(train.get_args_parser().parse_args(parts))
+    except KeyboardInterrupt:
+        pass
+    assert torch.load(tmp_path / "parts" / "last.pt", weights_only=False)["epoch"] == 2
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    train.main(train.get_args_parser().parse_args(parts + ["--resume"]))
+
+    whole, parts_state = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("whole", "parts"))
+    assert [h["train_loss"] for h in whole["history"]] == [h["train_loss"] for h in parts_state["history"]]
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, parts_state["model"][name]), name

@@ -43,8 +43,11 @@ PRESETS = {
     "mnist_lenet5": Preset(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, label_smoothing=0.0, bf16=False),
     # Claimed: >= 99.5% MNIST test accuracy (training/weights/mnist_alexnet.md).
     "mnist_alexnet": Preset(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4, label_smoothing=0.1, bf16=False),
-    # Claimed: see training/weights/cifar10_resnet18.md. 8 epochs is what one 2-core CPU session allowed
-    # (~4 min/epoch with bf16 autocast on an idle machine); 95% needs the same recipe at ~30+ epochs.
+    # Claimed: see training/weights/cifar10_resnet18.md. 8 epochs is what one 2-core CPU session allowed;
+    # 95% needs the same recipe at ~30+ epochs. A step (batch 256, bf16 autocast, channels_last) costs
+    # 3.28 s eager and 3.23 s under torch.compile on the 2-core AMX Xeon (`python -m training.bench_step
+    # --model cifar10_resnet18`, 2026-12-01): within noise, and compiling costs 84 s, so training runs
+    # eager. That is ~10 min an epoch here (~4 min on the AMD EPYC machine of 2026-11-21).
     "cifar10_resnet18": Preset(epochs=8, batch_size=256, lr=0.2, weight_decay=5e-4, label_smoothing=0.1,
                                bf16=True, ship_dtype="float16"),
 }

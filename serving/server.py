@@ -134,11 +134,15 @@ def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[s
     (run_dir / "key_file.json").unlink(missing_ok=True)
     config = write_config(run_dir, store, overrides)
     check_ports_free(config)
-    started = subprocess.run([str(TORCHSERVE), "--start", "--ncs", "--ts-config", str(config), "--model-store",
-                              str(store), "--log-config", str(LOG_CONFIG), "--models", *models],
-                             cwd=run_dir, env=_env(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Not a pipe: the Java frontend it leaves running would hold it open, and this call would never return.
+    env = _env(run_dir)  # creates run_dir/logs
+    launcher_log = run_dir / "logs" / "torchserve_start.log"
+    with open(launcher_log, "w") as err:
+        started = subprocess.run([str(TORCHSERVE), "--start", "--ncs", "--ts-config", str(config), "--model-store",
+                                  str(store), "--log-config", str(LOG_CONFIG), "--models", *models],
+                                 cwd=run_dir, env=env, stdout=subprocess.DEVNULL, stderr=err)
     if started.returncode:
-        raise StartError(f"torchserve --start failed ({started.stderr.strip()[-300:] or 'no message'}); "
+        raise StartError(f"torchserve --start failed ({launcher_log.read_text().strip()[-300:] or 'no message'}); "
                          f"see {run_dir / 'logs'}")
     client = TorchServeClient.from_config(config, run_dir / "key_file.json")
     wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)

@@ -196,6 +196,9 @@ def main(args):
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         history, best_acc, done, spent = state["history"], state["best_val_acc"], state["epoch"], state["seconds"]
+        if not (out / "best.pt").exists():  # only last.pt moved with the run: its epoch stands in for the best
+            torch.save(state, out / "best.pt")
+            best_acc = state["history"][-1]["val_acc"]
         print(f"resumed {out / 'last.pt'} after epoch {done}/{preset.epochs}", flush=True)
     start = time.time() - spent
     for epoch in range(done + 1, preset.epochs + 1):

@@ -4,7 +4,6 @@ import json
 import pytest
 
 from optimize import export
-from tests.conftest import DATA_DIR
 from training.train import WEIGHTS_DIR
 
 
@@ -12,8 +11,7 @@ from training.train import WEIGHTS_DIR
 def test_exports_match_eager(tmp_path, model):
     if not (WEIGHTS_DIR / f"{model}.pt").exists():
         pytest.fail(f"shipped weights {model}.pt are missing")
-    export.main(export.get_args_parser().parse_args(["--model", model, "--data-dir", str(DATA_DIR),
-                                                     "--output-dir", str(tmp_path)]))
+    export.main(export.get_args_parser().parse_args(["--model", model, "--output-dir", str(tmp_path)]))
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["torchscript_max_abs_diff"] <= export.TOLERANCE
     assert report["onnx_max_abs_diff"] <= export.TOLERANCE

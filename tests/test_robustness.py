@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from ts.context import Context, RequestProcessor
@@ -119,6 +120,38 @@ def test_malformed_json_and_options(digits, value, option, option_value):
     run(digits, rows, headers=[{}, {}, {option: option_value}])
 
 
+def hostile_rows():
+    """Structured hostile requests, as TorchServe hands them to the handler: JSON nested thousands deep,
+    huge strings, odd unicode, multipart forms of many parts, odd option values."""
+    text = st.text(alphabet=st.characters(codec="utf-8"), max_size=40)  # includes lone surrogates
+    depth = st.sampled_from([1_000, 5_000, 20_000]) | st.integers(50, 20_000)  # Python's limit is ~1,000
+    nested = depth.map(lambda d: {"body": ('{"data":' * d + '"x"' + "}" * d).encode()})
+    arrays = depth.map(lambda d: {"body": ("[" * d + "]" * d).encode()})
+    huge = st.integers(1, 6).map(lambda mb: {"body": json.dumps({"data": "A" * (mb << 20)}).encode()})
+    unicode_json = text.map(lambda t: {"body": json.dumps({"data": t, "top_k": t}).encode()})
+    surrogates = st.just({"body": b'{"data": "\\ud800\\udfff\\u0000", "return_input": "\\ud83d"}'})
+    raw_unicode = text.map(lambda t: {"body": t.encode("utf-8", "surrogatepass")})
+    many_parts = st.integers(2, 500).map(lambda n: {f"field{i}": bytes([i % 256]) * (i % 7) for i in range(n)})
+    odd_types = st.sampled_from([{"body": {"data": {"data": "x"}}}, {"body": {"data": ["x"]}}, {"body": {"data": 7}},
+                                 {"body": [1, 2]}, {"body": 3.5}, {"data": None}, {}, {"body": {"data": None}},
+                                 {"body": {"data": "x", "top_k": [1]}}, {"body": {"data": "x", "client": {"a": 1}}}])
+    return st.one_of(nested, arrays, huge, unicode_json, surrogates, raw_unicode, many_parts, odd_types)
+
+
+ODD_HEADER_VALUES = st.one_of(st.text(max_size=30), st.just("9" * 5000), st.just("\x00\xff"), st.just(" 3 "))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile_rows(), min_size=1, max_size=4), ODD_HEADER_VALUES,
+       st.sampled_from(["X-Top-K", "X-Return-Input", "X-Client"]))
+def test_structured_hostile_requests_never_fail_a_good_neighbour(digits, rows, header_value, header):
+    good = png_bytes(draw_digit(7))
+    batch = [{"body": good}, *rows, {"body": good}]
+    headers = [{}] + [{header: header_value}] * len(rows) + [{}]
+    responses = run(digits, batch, headers)
+    assert responses[0]["index"] == 7 and responses[-1]["index"] == 7
+
+
 @settings(max_examples=40, deadline=None)
 @given(image_strategy())
 def test_cifar_handler_takes_any_image(data):
@@ -206,3 +239,57 @@ def worker_pids(client) -> list[int]:
     """The model's workers that are up (TorchServe lists a restarting worker without READY)."""
     return [w["pid"] for v in client.describe("mnist_lenet5") for w in v["workers"]
             if w.get("pid") and w.get("status") == "READY"]
+
+
+MIXED_LOAD_S = 12  # seconds of mixed traffic
+
+
+def test_mixed_good_and_hostile_load_has_no_5xx_and_no_failed_good_request(torchserve):
+    """Good requests in every form to all three models, side by side with hostile bodies that share
+    their batches: every good request is answered right, nothing gets a 5xx."""
+    key = torchserve._key("inference")
+    url = f"{torchserve.inference_url}/predictions"
+    seven, scene = png_bytes(draw_digit(7)), png_bytes(Image.new("RGB", (64, 48), (90, 140, 220)))
+    seven_b64 = base64.b64encode(seven).decode()
+    good = [("mnist_lenet5", dict(data=seven)), ("mnist_alexnet", dict(files={"file": ("d.png", seven)})),
+            ("mnist_lenet5", dict(json={"data": f"data:image/png;base64,{seven_b64}"})),
+            ("cifar10_resnet18", dict(data=scene))]
+    hostile = [dict(data=('{"data":' * 5000 + '"x"' + "}" * 5000).encode()), dict(data=b"[" * 20000),
+               dict(json={"data": "A" * (3 << 20)}), dict(data=b"\x89PNG\r\n\x1a\n" + b"\0" * 5000),
+               dict(files={f"part{i}": (f"p{i}", b"x" * i) for i in range(300)}),
+               dict(data=seven, headers={"X-Top-K": "9" * 400, "X-Return-Input": "\u00ff"}),
+               dict(data="\ud800\udfff".encode("utf-8", "surrogatepass")), dict(json={"data": {"data": ["x"]}})]
+    counts = {"good": 0, "hostile": 0}
+    failures, lock, deadline = [], threading.Lock(), time.time() + MIXED_LOAD_S
+
+    def send(kind, requests_list, offset):
+        session, i = requests.Session(), offset
+        while time.time() < deadline:
+            model, kwargs = requests_list[i % len(requests_list)] if kind == "good" else ("mnist_lenet5",
+                                                                                        requests_list[i % len(requests_list)])
+            kwargs = dict(kwargs)
+            headers = {"Authorization": f"Bearer {key}", **kwargs.pop("headers", {})}
+            response = session.post(f"{url}/{model}", headers=headers, timeout=30, **kwargs)
+            i += 1
+            with lock:
+                counts[kind] += 1
+                if response.status_code >= 500:
+                    failures.append(f"{kind} {model}: {response.status_code} {response.text[:120]}")
+                elif kind == "good" and (response.status_code != 200 or
+                                         (model.startswith("mnist") and response.json()["index"] != 7)):
+                    failures.append(f"good {model}: {response.status_code} {response.text[:120]}")
+
+    def guarded(*args):
+        try:
+            send(*args)
+        except Exception as e:  # a client-side error is a failure too, not a silent thread death
+            failures.append(f"{args[0]} sender: {e!r}")
+
+    threads = [threading.Thread(target=guarded, args=("good", good, n)) for n in range(4)]
+    threads += [threading.Thread(target=guarded, args=("hostile", hostile, n * 3)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, f"{len(failures)} failures of {counts}: {failures[:5]}"
+    assert counts["good"] > 50 and counts["hostile"] > 20, counts

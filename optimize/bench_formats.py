@@ -107,11 +107,26 @@ def measured_clock_ghz() -> float | None:
         return float(subprocess.run([f"{tmp}/probe"], capture_output=True, text=True, check=True).stdout)
 
 
+# Intel AMX (Sapphire Rapids and later): one tile matrix unit per core, whose TDPBF16PS does 1,024 bf16
+# multiply-adds per cycle and TDPBUSD 2,048 u8 x s8 ones (Intel's optimization manual). oneDNN (torch
+# bf16) and ONNX Runtime's MLAS (INT8 GEMMs) use it where the CPU flags it, so it is those formats' peak.
+AMX_OPS_PER_CYCLE = {
+    "bf16": (2 * 1024, "amx_bf16", "AMX TDPBF16PS: 1,024 bf16 multiply-adds per cycle"),
+    "int8": (2 * 2048, "amx_int8", "AMX TDPBUSD: 2,048 int8 multiply-adds per cycle"),
+}
+
+
 def peak(cores: int, ghz: float, flags: set) -> dict:
     """precision -> (peak GFLOP/s, how it was computed)."""
     lanes = 16 if "avx512f" in flags else 8  # fp32 lanes per vector register (AVX-512 or AVX2)
     peaks = {}
     for precision, (ops, flag, instruction) in OPS_PER_FP32_LANE.items():
+        if precision in AMX_OPS_PER_CYCLE and AMX_OPS_PER_CYCLE[precision][1] in flags:
+            per_cycle, _, instruction = AMX_OPS_PER_CYCLE[precision]
+            value = cores * ghz * per_cycle
+            peaks[precision] = (value, f"{cores} cores x {ghz:.3f} GHz x {per_cycle} ({instruction}) = "
+                                       f"{value:.0f} GFLOP/s")
+            continue
         if flag not in flags:  # no native instruction: the work runs at the fp32 rate at best
             ops, instruction = OPS_PER_FP32_LANE["fp32"][0], f"no {flag}: fp32 FMA rate"
         value = cores * ghz * VECTOR_PIPES * lanes * ops

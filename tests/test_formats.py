@@ -118,3 +118,15 @@ def test_quick_benchmark_writes_table_chart_and_peak_fractions(tmp_path):
     table = (tmp_path / "bench_formats.md").read_text()
     assert table.count(f"| {MODEL} |") == len(cells) and "GFLOP/s" in table
     assert (tmp_path / "bench_formats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peaks_follow_the_cpu_flags_amx_included():
+    """AVX2 only, AVX-512 with BF16/VNNI, and AMX: each precision's peak is its fastest instruction's."""
+    avx2 = bench_formats.peak(2, 3.0, {"avx2", "fma"})
+    assert avx2["fp32"][0] == avx2["bf16"][0] == avx2["int8"][0] == 2 * 3.0 * 2 * 8 * 2
+    avx512 = bench_formats.peak(2, 3.0, {"avx512f", "avx512_bf16", "avx512_vnni"})
+    assert [avx512[p][0] for p in ("fp32", "bf16", "int8")] == [2 * 3.0 * 2 * 16 * ops for ops in (2, 4, 8)]
+    amx = bench_formats.peak(2, 3.0, {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"})
+    assert amx["fp32"] == avx512["fp32"]
+    assert amx["bf16"][0] == 2 * 3.0 * 2048 and amx["int8"][0] == 2 * 3.0 * 4096
+    assert "AMX TDPBF16PS" in amx["bf16"][1]

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
@@ -230,6 +231,27 @@ def test_uploaded_photo_gets_a_cifar10_class(ui, ui_server, tmp_path):
     expect(ui.get_by_test_id("stProgress")).to_have_count(3)  # the top 3
     expect(ui.get_by_text("As the model saw it")).to_be_visible()
     screenshot(ui, "upload")
+
+
+def test_a_non_image_upload_is_a_message_and_a_huge_photo_is_shrunk(ui, ui_server, tmp_path):
+    """A text file renamed .png once showed PIL's traceback; a 5000x4000 photo was refused as too large."""
+    if CIFAR_MODEL not in ui_server.models():
+        pytest.skip(f"TorchServe does not serve {CIFAR_MODEL}: no archive yet")
+    go(ui, "Upload a photo")
+    uploader = ui.locator("[data-testid=stFileUploader] input[type=file]")
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture at all\n" * 50)
+    uploader.set_input_files(fake)
+    expect(ui.get_by_test_id("stAlertContentError")).to_contain_text("notes.png is not an image this page can read")
+    expect(ui.get_by_test_id("stException")).to_have_count(0)
+    huge = tmp_path / "phone.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (4000, 5000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(huge, quality=95)
+    assert huge.stat().st_size > 8 * 1024 * 1024  # over TorchServe's request limit as it is
+    uploader.set_input_files(huge)
+    expect(ui.get_by_text("shrunk to 2048 px on its long side")).to_be_visible(timeout=60_000)
+    expect(ui.get_by_test_id("stProgress")).to_have_count(3, timeout=60_000)
+    expect(ui.get_by_test_id("stException")).to_have_count(0)
 
 
 def test_new_default_version_serves_the_next_prediction(ui, ui_server):

@@ -74,15 +74,25 @@ def upload_page():
     if picked is None:
         return
     model, version = picked
-    photo = st.file_uploader("A photo (JPEG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"])
+    photo = st.file_uploader("A photo (JPEG, PNG or WebP)", type=["jpg", "jpeg", "png", "webp"],
+                             help=f"Photos over {shared.MAX_UPLOAD_BYTES >> 20} MiB or "
+                                  f"{2 * shared.MAX_UPLOAD_SIDE_PX} px are shrunk here before they are sent.")
     if photo is None:
         st.info("The model names one of the ten CIFAR-10 classes: airplane, automobile, bird, cat, deer, "
                 "dog, frog, horse, ship or truck.", icon=":material/photo_camera:")
         return
+    data = photo.getvalue()
+    picture = shared.readable_photo(data)
+    if picture is None:
+        st.error(f"{photo.name} is not an image this page can read: upload a JPEG, PNG or WebP photo.",
+                 icon=":material/error:")
+        return
+    sent = shared.fit_for_upload(data, picture)
     original, answer = st.columns([1, 1.5], gap="large")
-    original.image(photo.getvalue(), caption=photo.name, width=320)
+    shrunk = "" if sent is data else f", shrunk to {shared.MAX_UPLOAD_SIDE_PX} px on its long side to send"
+    original.image(sent, caption=f"{photo.name} ({picture.width}x{picture.height}{shrunk})", width=320)
     with answer:
-        result = shared.predict("upload", model, version, photo.getvalue(), top_k=3, force=False)
+        result = shared.predict("upload", model, version, sent, top_k=3, force=False)
         if result:
             photo_result(result)
 

@@ -146,6 +146,37 @@ def _request(model: str, version: str, image: bytes, top_k: int) -> tuple:
     return model, version, top_k, hashlib.sha256(image).hexdigest()
 
 
+# What TorchServe accepts (config.properties: max_request_size; handlers: MAX_PIXELS). A larger photo is
+# shrunk here before it is sent: a 5000x4000 phone photo is a fine picture of a ship at 32x32.
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+MAX_UPLOAD_SIDE_PX = 2048
+
+
+def readable_photo(data: bytes) -> Image.Image | None:
+    """The uploaded file as a loaded image, or None when it is not one (a renamed text file, a truncated photo)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+    except Exception:  # noqa: BLE001 - PIL raises many kinds; every one means "not a readable image"
+        return None
+
+
+def fit_for_upload(data: bytes, image: Image.Image) -> bytes:
+    """The file itself when TorchServe takes it, else the photo shrunk to MAX_UPLOAD_SIDE_PX on its
+    long side as a JPEG (transparency composited onto white, as the handler does)."""
+    if len(data) <= MAX_UPLOAD_BYTES and max(image.size) <= MAX_UPLOAD_SIDE_PX * 2:
+        return data
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    image = image.convert("RGB")
+    image.thumbnail((MAX_UPLOAD_SIDE_PX, MAX_UPLOAD_SIDE_PX), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def enlarged(image: bytes | np.ndarray, size: int) -> Image.Image:
     """The model's input (a PNG from a response, or pixels from the prediction log), blown up with
     nearest-neighbour so that its pixels stay visible."""

@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
+.DELETE_ON_ERROR:  # a failed `make archive` leaves no manifest that looks done
 PY := .venv/bin/python
 # The real data sets (training, `make evaluate`): ../shared/data unless DATA_DIR says otherwise
 # (training/data.py). Everything else works without them.

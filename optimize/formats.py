@@ -204,8 +204,9 @@ def built_with(model: str, fmt: str) -> dict:
 
 
 def calibration_key(model: str) -> dict:
-    """What the INT8 activation ranges depend on: the weights and the recipe's calibration images."""
-    return {"recipe": INT8_RECIPE, "weights_sha256": weights_sha256(model)}
+    """What the INT8 activation ranges depend on: the recipe's calibration images and the fp32 ONNX
+    file whose tensors they measure (the weights, and the names a new exporter may give)."""
+    return built_with(model, "onnx_int8")
 
 
 def is_built(model: str, fmt: str) -> bool:

@@ -112,7 +112,12 @@ def listeners(config: Path) -> dict[str, tuple[str, int]]:
 
 def check_ports_free(config: Path):
     for key, (host, port) in listeners(config).items():
+        if port is None:
+            raise StartError(f"{key} in config.properties names no port")
         with socket.socket() as s:
+            # As Java's listener binds: connections of a stopped server in TIME_WAIT do not block it,
+            # a listening socket does.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
             except OSError:
@@ -142,10 +147,15 @@ def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[s
                                   str(store), "--log-config", str(LOG_CONFIG), "--models", *models],
                                  cwd=run_dir, env=env, stdout=subprocess.DEVNULL, stderr=err)
     if started.returncode:
+        stop(run_dir)
         raise StartError(f"torchserve --start failed ({launcher_log.read_text().strip()[-300:] or 'no message'}); "
                          f"see {run_dir / 'logs'}")
     client = TorchServeClient.from_config(config, run_dir / "key_file.json")
-    wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)
+    try:
+        wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)
+    except StartError:
+        stop(run_dir)  # never leave a half-started server behind
+        raise
     return client
 
 
@@ -168,6 +178,8 @@ def pid(run_dir: Path = RUN_DIR) -> int | None:
     if not path.exists():
         return None
     value = int(path.read_text().strip() or 0)
+    if value <= 0:  # os.kill(0, ...) would signal our own process group
+        return None
     try:
         os.kill(value, 0)
         return value

@@ -101,15 +101,18 @@ def load_cifar10(data_dir, train: bool, download: bool = False) -> tuple[np.ndar
 
 def load_split(dataset: str, data_dir, train: bool, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split as (uint8 N x C x H x W, int64 N). Raises DataMissing when the files are absent."""
+    if dataset not in SPLIT_FILES:
+        raise ValueError(f"unknown dataset {dataset!r}")
     if not download:
         require_dataset(dataset, data_dir)
-    if dataset == "mnist":
-        ds = datasets.MNIST(data_dir, train=train, download=download)
-        return ds.data.unsqueeze(1), ds.targets.long()
-    if dataset == "cifar10":
+    try:
+        if dataset == "mnist":
+            ds = datasets.MNIST(data_dir, train=train, download=download)
+            return ds.data.unsqueeze(1), ds.targets.long()
         images, labels = load_cifar10(data_dir, train, download)
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
-    raise ValueError(f"unknown dataset {dataset!r}")
+    except (RuntimeError, FileNotFoundError) as e:  # a data set only partly there: torchvision's "not found"
+        raise DataMissing(f"{dataset} in {data_dir} is incomplete: {e}") from None
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
 
 
 def normalize(dataset: str):

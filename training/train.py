@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data import CLASSES, DEFAULT_DATA_DIR, DataMissing, data_dir_arg, test_dataset, train_val_datasets
+from training.data import CLASSES, DEFAULT_DATA_DIR, DataMissing, test_dataset, train_val_datasets
 from training.models import build_model, dataset_of, load_weights
 from training.report import plot_confusion, plot_curves, write_model_card
 
@@ -56,7 +56,7 @@ PRESETS = {
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(PRESETS))
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
                    help="holds MNIST/raw or cifar-10-batches-bin (default: $DATA_DIR or ../shared/data)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set (needs internet)")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<model>)")
@@ -146,12 +146,19 @@ def cast_state_dict(model, dtype: str):
     return {k: (v.to(getattr(torch, dtype)) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
 
 
-def resume_state(path: Path, preset: Preset) -> dict:
+RUN_DEFINING_ARGS = ("model", "seed", "limit", "extra_train")  # a resumed run must keep these (the split, the data)
+
+
+def resume_state(path: Path, preset: Preset, args) -> dict:
     if not path.exists():
         raise SystemExit(f"error: --resume: no checkpoint at {path} (give the run's --output-dir)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state["preset"] != dataclasses.asdict(preset):
         raise SystemExit(f"error: --resume: {path} was trained with {state['preset']}, not {dataclasses.asdict(preset)}")
+    changed = [k for k in RUN_DEFINING_ARGS if state["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"error: --resume: {path} was trained with other " + ", ".join(
+            f"--{k.replace('_', '-')} ({state['args'].get(k)!r}, not {getattr(args, k)!r})" for k in changed))
     return state
 
 
@@ -190,7 +197,7 @@ def main(args):
                                                     steps_per_epoch=len(train_loader), pct_start=0.25)
     history, best_acc, done, spent = [], -1.0, 0, 0.0
     if args.resume:
-        state = resume_state(out / "last.pt", preset)
+        state = resume_state(out / "last.pt", preset, args)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -216,6 +223,8 @@ def main(args):
                           seconds=history[-1]["seconds"], args=vars(args), preset=dataclasses.asdict(preset))
         torch.save(checkpoint, out / "last.tmp")
         (out / "last.tmp").replace(out / "last.pt")  # never a half-written checkpoint
+        with open(out / "log.jsonl", "a") as log:  # the run's progress, small enough to commit with it
+            log.write(json.dumps(history[-1]) + "\n")
         if val_acc >= best_acc:
             torch.save(checkpoint, out / "best.pt")
     wall = time.time() - start

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -93,6 +94,9 @@ def ui(ui_url):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.set_default_timeout(WAIT_MS)
+        page.outside = []  # requests the page makes beyond this machine (it must work offline)
+        page.on("request", lambda r: None if urlsplit(r.url).hostname in ("127.0.0.1", "localhost", None)
+                or r.url.startswith("data:") else page.outside.append(r.url))
         page.goto(ui_url)
         yield page
         browser.close()
@@ -282,6 +286,13 @@ def test_new_default_version_serves_the_next_prediction(ui, ui_server):
         screenshot(ui, "history")
     finally:
         ui_server.set_default(DIGIT_MODEL, "1.0")
+
+
+def test_the_pages_fetch_nothing_from_the_internet(ui):
+    """Every page visited so far (and its tab icon) came from this machine: the UI works offline."""
+    for title in ("Draw a digit", "Upload a photo", "Models", "History"):
+        go(ui, title)
+    assert ui.outside == []
 
 
 def test_stopped_server_shows_an_error_not_a_traceback(ui, ui_server):

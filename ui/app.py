@@ -14,7 +14,8 @@ if ROOT not in sys.path:  # streamlit puts ui/ on the path, not the repository w
 
 from ui import overview, predict, shared  # noqa: E402
 
-st.set_page_config(page_title="Digits and photos", page_icon=":material/draw:", layout="wide")
+# The tab icon is a file of ours: a Material icon name would make the browser fetch it from the internet.
+st.set_page_config(page_title="Digits and photos", page_icon=str(Path(__file__).parent / "favicon.png"), layout="wide")
 page = st.navigation([
     st.Page(predict.draw_page, title="Draw a digit", icon=":material/draw:", url_path="draw", default=True),
     st.Page(predict.upload_page, title="Upload a photo", icon=":material/photo_camera:", url_path="upload"),

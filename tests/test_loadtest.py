@@ -48,7 +48,9 @@ def test_smoke_load_has_no_errors_and_only_right_labels(lenet_server, tmp_path):
 
 
 def test_errors_fail_the_run(lenet_server, tmp_path):
-    code, summary, log = run(lenet_server, tmp_path, "--users", "2", "--duration", "2",
+    # Bounded by a request count, not a time: on a loaded machine Locust's users can take seconds to
+    # start, and a 2 s run once ended before any request was made.
+    code, summary, log = run(lenet_server, tmp_path, "--users", "2", "--duration", "60", "--max-requests", "20",
                              "--targets", "mnist_lenet5:9.9=1")  # a version that does not exist
     assert code != 0 and "LOAD TEST FAILED: error rate 100.00%" in log
     assert summary["series"]["total"]["failures"] == summary["series"]["total"]["requests"] > 0

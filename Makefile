@@ -109,12 +109,15 @@ DURATION ?= 60
 PROTOCOL ?= rest
 TARGETS ?=
 TARGET_ARG = $(if $(TARGETS),--targets "$(TARGETS)")
-.PHONY: loadtest loadtest-knee bench-serving
+.PHONY: loadtest loadtest-knee bench-serving soak
 loadtest: venv grpc
 	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) $(TARGET_ARG)
 
 loadtest-knee: venv grpc  # step load: the highest request rate whose p99 stays under the SLO
 	$(PY) -m loadtest.run --step --protocol $(PROTOCOL) $(TARGET_ARG)
+
+soak: venv grpc archive  # 20 minutes of mixed load on a TorchServe of its own: memory and p99 over time
+	$(PY) -m loadtest.soak
 
 bench-serving: venv grpc archive  # the tuning sweep and the Flask baseline, side by side (~40 min): BENCHMARKS.md
 	$(PY) -m loadtest.bench

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from prediction_log import PredictionLog, record_row, url_from_env
+from prediction_log import PredictionLog, Settings, record_row, url_from_env
 from runtimes import load_runtime
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
@@ -145,7 +145,8 @@ class ImageClassifier:
         self.format = config["format"]
         self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)))
         url = url_from_env()
-        self.log = PredictionLog(url) if url else None
+        # Settings from the environment here: a bad PREDICTION_LOG_* value fails the worker's start, with its name.
+        self.log = PredictionLog(url, Settings.from_env()) if url else None
         # Everything loaded so far (torch, the model, SQLAlchemy) lives as long as the worker: moved
         # out of the garbage collector's sight, a collection no longer walks it. Each batch allocates
         # (the prediction log's rows most), and those walks cost 10% of LeNet-5's throughput.
@@ -220,13 +221,14 @@ class ImageClassifier:
 
     def record(self, items, responses, latency_ms: float):
         """Write the batch's successful predictions to the prediction log, in one transaction, before
-        they are answered: a worker crash loses only the batch in flight, whose requests fail too."""
+        they are answered: a worker crash loses only the batch in flight, whose requests fail too.
+        While the database is unavailable the log spools the rows to local disk instead."""
         rows = [record_row(r["request_id"], self.model_name, self.version, self.format, item.options["client"],
                            item.image, item.pixels, r, latency_ms)
                 for item, r in zip(items, responses) if isinstance(item, Item)]
         try:
             self.log.record(rows)
-        except Exception:  # a full disk or a lost database must not fail the predictions themselves
+        except Exception:  # a bug, or a spool on a full disk, must not fail the predictions themselves
             logging.getLogger(__name__).exception("prediction log: %d rows not recorded", len(rows))
 
     def handle(self, data, context):

@@ -72,6 +72,7 @@ class ServingConfig:
     max_batch_delay_ms: int = 5  # wait for a batch to fill
     threads: int = 1  # torch / onnxruntime intra-op threads per worker
     netty_threads: int = 2  # number_of_netty_threads = netty_client_threads
+    job_queue_size: int = 100  # jobQueueSize: requests queued per model version beyond it get a 503
     version: str = "1.0"  # the archived version, i.e. the format (model_store/manifest.json)
 
     def differences(self, other: "ServingConfig", formats: dict[str, str]) -> str:
@@ -86,7 +87,8 @@ def current_config() -> ServingConfig:
     defaults, props = load_settings()["defaults"], read_properties(settings.TS_CONFIG)
     serving = defaults["serving"]
     return ServingConfig(serving["maxWorkers"], serving["batchSize"], serving["maxBatchDelay"],
-                         defaults["handler"]["threads"], int(props["number_of_netty_threads"]))
+                         defaults["handler"]["threads"], int(props["number_of_netty_threads"]),
+                         serving["jobQueueSize"])
 
 
 def archived_formats(model: str) -> dict[str, str]:
@@ -113,7 +115,8 @@ def write_archive(store: Path, model: str, config: ServingConfig) -> str:
             if item.filename == "model-config.yaml":
                 model_config = yaml.safe_load(data)
                 model_config.update(minWorkers=config.workers, maxWorkers=config.workers,
-                                    batchSize=config.batch_size, maxBatchDelay=config.max_batch_delay_ms)
+                                    batchSize=config.batch_size, maxBatchDelay=config.max_batch_delay_ms,
+                                    jobQueueSize=config.job_queue_size)
                 model_config["handler"]["threads"] = config.threads
                 data = yaml.safe_dump(model_config, sort_keys=False).encode()
             copy.writestr(item, data)

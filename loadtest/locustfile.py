@@ -23,7 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the project's pa
 from loadtest import settings  # noqa: E402
 from loadtest.images import labeled_pool  # noqa: E402
 from loadtest.traffic import PING, Traffic, parse_targets  # noqa: E402
-from serving.client import ServeError, read_key, read_properties  # noqa: E402
+from serving.client import ServeError, read_key, read_properties, refused_key  # noqa: E402
 from training.data import DEFAULT_DATA_DIR  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()  # gRPC calls must yield to gevent, or one user blocks all others
@@ -62,22 +62,33 @@ def think_time(user) -> float:
 
 
 class RestUser(FastHttpUser):
-    """A client posting one image per request as the raw body (TorchServe or the Flask baseline)."""
+    """A client posting one image per request as the raw body (TorchServe or the Flask baseline). It
+    holds the inference key it read and reads it again, once, when TorchServe refuses it."""
     network_timeout = connection_timeout = settings.REQUEST_TIMEOUT_S
     wait_time = think_time
 
     def on_start(self):
-        key_file = self.environment.parsed_options.key_file
+        self.key_file = self.environment.parsed_options.key_file
         self.headers = {"X-Client": settings.CLIENT_NAME}
-        if key_file:  # the Flask baseline has no token
-            self.headers["Authorization"] = f"Bearer {read_key(key_file, 'inference')}"
+        if self.key_file:  # the Flask baseline has no token
+            self.read_key()
+
+    def read_key(self, refused: str | None = None):
+        self.key = read_key(self.key_file, "inference", refused)
+        self.headers["Authorization"] = f"Bearer {self.key}"
 
     @task
     def predict(self):
         target, sample = traffic.pick()
         body = {"data": sample.image} if sample else {}
         method = self.client.post if sample else self.client.get
-        with method(target.path, headers=self.headers, name=target.name, catch_response=True, **body) as response:
+        response = method(target.path, headers=self.headers, name=target.name, catch_response=True, **body)
+        if self.key_file and refused_key(response.status_code, response.text):
+            # The key rolled over (serving/keys.py): read it again and retry once. A catch_response request
+            # is reported when its with-block ends, so the refused attempt, never entered, is not counted.
+            self.read_key(refused=self.key)
+            response = method(target.path, headers=self.headers, name=target.name, catch_response=True, **body)
+        with response:
             problem = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
             if problem is None and sample and traffic.due_for_check():
                 problem = traffic.check(response.json(), target, sample)

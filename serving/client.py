@@ -4,12 +4,20 @@ Defaults come from config.properties and .run/key_file.json (what `make serve` u
 changed with TS_INFERENCE_URL, TS_MANAGEMENT_URL and TS_KEY_FILE.
 """
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+REREAD_S = 0.1  # pause before reading a key file caught mid-rewrite again
+# Pauses before retrying a prediction TorchServe shed (its queue full: 503 "has no worker to serve"):
+# safe, since a shed request never reached a worker. A burst clears in well under a second.
+BUSY_RETRY_S = (0.1, 0.3, 0.9)
+SHED = "has no worker to serve inference request"
 
 
 class ServeError(RuntimeError):
@@ -20,13 +28,41 @@ class ServeError(RuntimeError):
         self.status, self.message = status, message
 
 
-def read_key(key_file, kind: str) -> str:
-    """The `kind` ("inference" or "management") key from TorchServe's key file. Read on every call:
-    TorchServe writes new keys each time it starts."""
+def read_keys(key_file) -> dict:
+    """TorchServe's key file. TorchServe rewrites it in place (truncate, then write: not atomic) at
+    start and whenever a key is renewed (serving/keys.py), so a read can catch it empty or half
+    written: such a read is repeated once, a moment later."""
+    for retry in (True, False):
+        try:
+            return json.loads(Path(key_file).read_text())
+        except FileNotFoundError:
+            raise ServeError(None, f"no TorchServe key file at {key_file}: is TorchServe running (`make serve`)?") from None
+        except json.JSONDecodeError:
+            if not retry:
+                raise ServeError(None, f"TorchServe's key file {key_file} is not valid JSON") from None
+            time.sleep(REREAD_S)
+
+
+def read_key(key_file, kind: str, refused: str | None = None) -> str:
+    """The `kind` ("inference" or "management") key from TorchServe's key file. `refused`: the key the
+    server has just refused. TorchServe replaces a key in memory a moment before it rewrites the file,
+    so a file that still holds the refused key is read once more, a moment later."""
+    key = read_keys(key_file)[kind]["key"]
+    if key == refused:
+        time.sleep(REREAD_S)
+        key = read_keys(key_file)[kind]["key"]
+    return key
+
+
+def refused_key(status: int, body: str) -> bool:
+    """Whether an HTTP answer is TorchServe 0.12's refusal of a missing, wrong or expired key:
+    400 InvalidKeyException (not 401)."""
+    if status != 400:
+        return False
     try:
-        return json.loads(Path(key_file).read_text())[kind]["key"]
-    except FileNotFoundError:
-        raise ServeError(None, f"no TorchServe key file at {key_file}: is TorchServe running (`make serve`)?") from None
+        return json.loads(body).get("type") == "InvalidKeyException"
+    except (TypeError, ValueError, AttributeError):  # no body, not JSON, or JSON but not an object
+        return False
 
 
 def read_properties(path) -> dict:
@@ -47,6 +83,7 @@ class TorchServeClient:
         self.key_file = Path(key_file)
         self.timeout = timeout
         self.session = requests.Session()
+        self._keys = {}  # kind -> key, see _key
 
     @classmethod
     def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0,
@@ -56,18 +93,24 @@ class TorchServeClient:
                    os.environ.get("TS_MANAGEMENT_URL", props["management_address"]),
                    key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
 
-    def _key(self, kind: str) -> str:
-        return read_key(self.key_file, kind)
+    def _key(self, kind: str, refused: str | None = None) -> str:
+        """The `kind` key this client holds: read from the key file when first needed, and again after
+        the server refused `refused` (keys change at every start and roll over while it runs)."""
+        if refused is not None or kind not in self._keys:
+            self._keys[kind] = read_key(self.key_file, kind, refused)
+        return self._keys[kind]
 
-    def _request(self, method: str, url: str, kind: str, **kwargs):
-        headers = {"Authorization": f"Bearer {self._key(kind)}", **kwargs.pop("headers", {})}
-        try:
-            response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-        except requests.ConnectionError:
-            raise ServeError(None, f"TorchServe is not reachable at {url.split('/')[2]}: is it running "
-                                   f"(`make serve`)?") from None
-        except requests.Timeout:
-            raise ServeError(None, f"TorchServe did not answer within {self.timeout:.0f} s") from None
+    def _request(self, method: str, url: str, kind: str, retry_shed: bool = False, **kwargs):
+        key = self._key(kind)
+        response = self._send(method, url, key, **kwargs)
+        if refused_key(response.status_code, response.text):  # the key rolled over: read it again, retry once
+            response = self._send(method, url, self._key(kind, refused=key), **kwargs)
+        for pause in BUSY_RETRY_S if retry_shed else ():
+            if response.status_code != 503 or SHED not in response.text:
+                break
+            log.info("TorchServe shed the request (503, queue full): retry in %.1f s", pause)
+            time.sleep(pause)
+            response = self._send(method, url, self._key(kind), **kwargs)
         if response.status_code >= 400:
             try:
                 message = response.json().get("message", response.text)
@@ -75,6 +118,16 @@ class TorchServeClient:
                 message = response.text
             raise ServeError(response.status_code, message)
         return response.json()
+
+    def _send(self, method: str, url: str, key: str, headers: dict | None = None, **kwargs) -> requests.Response:
+        try:
+            return self.session.request(method, url, headers={"Authorization": f"Bearer {key}", **(headers or {})},
+                                        timeout=self.timeout, **kwargs)
+        except requests.ConnectionError:
+            raise ServeError(None, f"TorchServe is not reachable at {url.split('/')[2]}: is it running "
+                                   f"(`make serve`)?") from None
+        except requests.Timeout:
+            raise ServeError(None, f"TorchServe did not answer within {self.timeout:.0f} s") from None
 
     def ping(self) -> bool:
         return self._request("GET", f"{self.inference_url}/ping", "inference").get("status") == "Healthy"
@@ -85,7 +138,7 @@ class TorchServeClient:
         path = f"{model}/{version}" if version else model
         headers = {f"X-{k.replace('_', '-').title()}": str(v).lower() for k, v in options.items()}
         headers["X-Client"] = self.client_name
-        return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference",
+        return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference", retry_shed=True,
                              data=image, headers=headers)
 
     def models(self) -> list[str]:

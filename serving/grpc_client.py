@@ -1,6 +1,7 @@
 """A gRPC client for TorchServe (stubs generated from its own .proto files by serving.generate_grpc).
 
-Tokens travel as `authorization: Bearer <key>` metadata, as TorchServe's gRPC interceptor expects.
+Tokens travel as `authorization: Bearer <key>` metadata, as TorchServe's gRPC interceptor expects;
+a refused key is read again from the key file, once, as the REST client does.
 Errors raise serving.client.ServeError with an HTTP-like status, like the REST client.
 """
 import json
@@ -27,6 +28,7 @@ class GrpcClient:
     def __init__(self, inference_target: str, management_target: str, key_file, timeout: float = 10.0,
                  client_name: str = "api"):
         self.key_file, self.timeout, self.client_name = key_file, timeout, client_name
+        self._keys = {}  # kind -> key, see _key
         self.inference = inference_pb2_grpc.InferenceAPIsServiceStub(grpc.insecure_channel(inference_target))
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(management_target))
 
@@ -40,10 +42,21 @@ class GrpcClient:
                                   f"{props.get('grpc_management_address', host)}:{props['grpc_management_port']}"),
                    key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
 
+    def _key(self, kind: str, refused: str | None = None) -> str:
+        """As TorchServeClient._key: the key held, read when first needed and again after a refusal."""
+        if refused is not None or kind not in self._keys:
+            self._keys[kind] = read_key(self.key_file, kind, refused)
+        return self._keys[kind]
+
     def _call(self, method, request, kind: str):
+        key = self._key(kind)
         try:
-            return method(request, timeout=self.timeout,
-                          metadata=[("authorization", f"Bearer {read_key(self.key_file, kind)}")])
+            try:
+                return self._rpc(method, request, key)
+            except grpc.RpcError as e:
+                if not refused_key(e):
+                    raise
+                return self._rpc(method, request, self._key(kind, refused=key))  # the key rolled over: retry once
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise ServeError(None, "TorchServe's gRPC port is not reachable: is it running (`make serve`)?") from None
@@ -52,6 +65,9 @@ class GrpcClient:
             # TorchServe reports an unknown model or version as INTERNAL; its exception name tells.
             status = 404 if "NotFoundException" in (e.details() or "") else HTTP_STATUS.get(e.code(), 500)
             raise ServeError(status, _message(e.details())) from None
+
+    def _rpc(self, method, request, key: str):
+        return method(request, timeout=self.timeout, metadata=[("authorization", f"Bearer {key}")])
 
     def ping(self) -> bool:
         return json.loads(self._call(self.inference.Ping, empty_pb2.Empty(), "inference").health)["status"] == "Healthy"
@@ -82,6 +98,13 @@ class GrpcClient:
     def set_default(self, model: str, version: str) -> dict:
         return self._manage(self.management.SetDefault,
                             management_pb2.SetDefaultRequest(model_name=model, model_version=version))
+
+
+def refused_key(error: grpc.RpcError) -> bool:
+    """Whether a gRPC error is TorchServe 0.12's refusal of a missing, wrong or expired key: its token
+    interceptor answers PERMISSION_DENIED (which also means "model API disabled", hence the details)."""
+    return error.code() == grpc.StatusCode.PERMISSION_DENIED and \
+        (error.details() or "").startswith("Token Authorization failed")
 
 
 def _message(details: str) -> str:

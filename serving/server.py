@@ -6,7 +6,8 @@
 
 TorchServe keeps its pid file in $TMPDIR and writes key_file.json to its working directory, so each
 run folder (.run/ here, a temporary one per test session) is a separate server. Tests start one
-on free ports with `start(run_dir, overrides={...})`.
+on free ports with `start(run_dir, overrides={...})`. Beside each server runs its key refresher
+(serving/keys.py: pid in keys.pid, log in logs/keys.log), which renews the keys before they expire.
 """
 import argparse
 import json
@@ -22,8 +23,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from handlers.prediction_log import url_for_run_dir
+from handlers.prediction_log import spool_dir_for_run_dir, url_for_run_dir
 from model_store.archive import STORE, archive_name, load_settings, version_spec
+from serving import keys
 from serving.client import TorchServeClient, read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,8 +82,11 @@ def _env(run_dir: Path) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     # TMPDIR holds TorchServe's pid file; TEMP becomes java.io.tmpdir, where the frontend puts the
     # workers' sockets (.ts.sock.<port>): per run folder, so servers running side by side never meet.
+    # The workers inherit this environment: the other PREDICTION_LOG_* settings (retention, sampling,
+    # spool size; handlers/prediction_log.py) pass through from the caller's.
     return dict(os.environ, TMPDIR=str(run_dir), TEMP=str(run_dir), LOG_LOCATION=str(logs),
-                METRICS_LOCATION=str(logs), PREDICTION_LOG_URL=url_for_run_dir(run_dir))
+                METRICS_LOCATION=str(logs), PREDICTION_LOG_URL=url_for_run_dir(run_dir),
+                PREDICTION_LOG_SPOOL_DIR=spool_dir_for_run_dir(run_dir))
 
 
 class StartError(RuntimeError):
@@ -150,6 +155,10 @@ def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[s
         stop(run_dir)
         raise StartError(f"torchserve --start failed ({launcher_log.read_text().strip()[-300:] or 'no message'}); "
                          f"see {run_dir / 'logs'}")
+    server_pid = pid(run_dir)
+    if server_pid is None:
+        raise StartError(f"TorchServe exited as soon as it started; see {run_dir / 'logs'}")
+    keys.start_refresher(run_dir, server_pid)  # now, not once ready: loading models can outlast a short key lifetime
     client = TorchServeClient.from_config(config, run_dir / "key_file.json")
     try:
         wait_ready(client, {m.split("=")[0] for m in models}, timeout, run_dir)
@@ -190,6 +199,7 @@ def pid(run_dir: Path = RUN_DIR) -> int | None:
 def stop(run_dir: Path = RUN_DIR, timeout: float = 60):
     """Stop the frontend; its shutdown ends the Python workers. Waits until the process is gone."""
     run_dir = Path(run_dir).resolve()
+    keys.stop_refresher(run_dir)  # first, and also when the server has already gone
     running = pid(run_dir)
     if running is None:
         return False

@@ -37,13 +37,14 @@ def cifar_test():
     return load_cifar10(DATA_DIR, train=False)
 
 
-def start_torchserve(run_dir, models=None):
-    """Start the real TorchServe (Java frontend, Python workers) on free ports, serving every archive.
-    Returns its client; `client.run_dir` is where its key file, logs and pid live."""
+def start_torchserve(run_dir, models=None, overrides=None):
+    """Start the real TorchServe (Java frontend, Python workers) on free ports, serving every archive
+    (or `models`), with config.properties' settings changed by `overrides`. Returns its client;
+    `client.run_dir` is where its key file, logs and pid live."""
     from serving import server
     if not server.startup_models():
         pytest.fail("no archives in model_store/: `make test` builds them (make archive)")
-    client = server.start(run_dir, server.free_ports(), models=models)
+    client = server.start(run_dir, {**server.free_ports(), **(overrides or {})}, models=models)
     client.run_dir = run_dir
     return client
 

@@ -508,10 +508,11 @@ class PredictionLog:
                 break
         return deleted
 
-    def recent(self, limit: int = 50, client: str | None = None) -> list[dict]:
-        query = sa.select(predictions).order_by(predictions.c.created.desc()).limit(limit)
-        if client:
-            query = query.where(predictions.c.client == client)
+    def recent(self, limit: int = 50, offset: int = 0, **where) -> list[dict]:
+        """The newest rows first, `offset` rows skipped; `where`: column=value filters (client="ui")."""
+        query = sa.select(predictions).order_by(predictions.c.created.desc()).limit(limit).offset(offset)
+        for column, value in where.items():
+            query = query.where(predictions.c[column] == value)
         with self.engine.connect() as connection:
             return [dict(r._mapping) for r in connection.execute(query)]
 

@@ -38,6 +38,7 @@ MINUTES = 20  # `make soak`
 SAMPLE_S = 5  # seconds between memory samples
 WARMUP_FRACTION = 0.25  # first part of the run left out of the growth fit (JIT, heap, caches filling)
 GROWTH_LIMIT = 0.10  # a fitted RSS rise above this fraction of the process's RSS over the run is growth
+MIN_BIN_REQUESTS = 100  # a time bin with fewer requests has no p99 worth plotting
 USERS, THINK_MS = 8, 10  # a steady load below the knee: a soak looks for drift, not for the limit
 
 
@@ -88,6 +89,8 @@ def p99_over_time(samples: dict, bin_s: float) -> tuple[np.ndarray, np.ndarray, 
     starts, p99, errors = [], [], []
     for b in np.unique(which):
         mask = which == b
+        if mask.sum() < MIN_BIN_REQUESTS:  # the run's last moments: too few answers for a p99
+            continue
         starts.append(edges[b])
         p99.append(np.percentile(samples["latency_ms"][mask], 99))
         errors.append(int((~samples["ok"][mask]).sum()))
@@ -105,7 +108,7 @@ def analyse(memory: list[dict], pids: dict, samples: dict, load_summary: dict, r
         per_process[name] = {"rss_start_mb": round(float(rss[0]), 1) if len(rss) else None,
                              "rss_end_mb": round(float(rss[-1]), 1) if len(rss) else None,
                              "growth": round(growth(t[have], rss), 4), "pids": len(pids.get(name, ()))}
-    bin_s = max(10.0, seconds / 20)
+    bin_s = max(10, round(seconds / 20 / 10) * 10)  # about 20 bins, whole tens of seconds
     starts, p99, errors = p99_over_time(samples, bin_s)
     total = load_summary["series"]["total"]
     answers = int(samples["ok"].sum())

@@ -137,7 +137,7 @@ class TorchServeClient:
         since TorchServe does not pass query parameters on to the handler."""
         path = f"{model}/{version}" if version else model
         headers = {f"X-{k.replace('_', '-').title()}": str(v).lower() for k, v in options.items()}
-        headers["X-Client"] = self.client_name
+        headers.setdefault("X-Client", self.client_name)  # client="ui-live" names another caller
         return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference", retry_shed=True,
                              data=image, headers=headers)
 

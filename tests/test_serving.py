@@ -78,6 +78,7 @@ BAD_INPUTS = {
     "blank canvas": (dict(data=png_bytes(Image.new("RGBA", (280, 280)))), "blank"),
     "not an image": (dict(data=b"%PDF-1.4 definitely not a picture"), "not an image"),
     "empty body": (dict(data=b""), "empty"),
+    "blank canvas": (dict(data=png_bytes(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))), "blank image"),
     "truncated image": (dict(data=png_bytes(draw_digit(1))[:200]), "truncated|corrupt"),
     "huge image": (dict(data=png_bytes(Image.new("1", (20000, 20000)))), "too large|pixels"),
     "json without data": (dict(json={"image": "abc"}), "data"),

@@ -19,7 +19,7 @@ import requests
 from PIL import Image, ImageDraw
 from playwright.sync_api import expect, sync_playwright
 
-from drawing import STROKES
+from drawing import STROKES, draw_digit, png_bytes
 from serving import server
 from tests.conftest import ARTIFACTS, ROOT, start_torchserve
 
@@ -149,6 +149,11 @@ def clear(page):
     settle(page)
 
 
+def history_rows(page):
+    """The History page's rows, newest first (each keyed by its request id)."""
+    return page.locator("[class*='st-key-prediction_']")
+
+
 def predicted_digit(page):
     return page.locator(".st-key-digit").get_by_test_id("stMetricValue")
 
@@ -184,7 +189,7 @@ def test_drawn_digits_are_recognised_and_listed_in_history(ui):
     screenshot(ui, "draw")
 
     go(ui, "History")
-    newest, older = ui.locator(".st-key-history_0"), ui.locator(".st-key-history_1")
+    newest, older = history_rows(ui).nth(0), history_rows(ui).nth(1)
     expect(newest).to_contain_text(DIGIT_MODEL)
     expect(newest).to_contain_text("ui")  # the caller, as the prediction log recorded it
     expect(newest.locator("strong")).to_have_text("7")
@@ -193,16 +198,47 @@ def test_drawn_digits_are_recognised_and_listed_in_history(ui):
 
 
 def test_a_prediction_marked_wrong_keeps_the_right_label(ui, ui_server):
+    """No label is chosen for the user (a hasty Save once recorded the first class), and the
+    correction lands on its own prediction even when a new one arrives while it is being chosen
+    (the widgets were keyed by row position, so it moved onto the new row)."""
     from handlers.prediction_log import PredictionLog, url_for_run_dir
+    log = PredictionLog(url_for_run_dir(ui_server.run_dir))
     go(ui, "History")
-    newest = ui.locator(".st-key-history_0")
-    newest.get_by_role("button", name="Wrong?").click()
-    ui.get_by_test_id("stPopoverBody").get_by_test_id("stSelectbox").click()
-    ui.get_by_role("option", name="4", exact=True).click()
-    ui.get_by_test_id("stPopoverBody").get_by_role("button", name="Save").click()
-    expect(ui.locator(".st-key-history_0")).to_contain_text("→ 4")
-    (row,) = PredictionLog(url_for_run_dir(ui_server.run_dir)).recent(limit=1)
-    assert row["true_label"] == "4"
+    rid = history_rows(ui).first.get_attribute("class").split("st-key-prediction_")[1].split()[0]
+    row = ui.locator(f".st-key-prediction_{rid}")
+    row.get_by_role("button", name="Wrong?").click()
+    popover = ui.get_by_test_id("stPopoverBody")
+    expect(popover.get_by_role("button", name="Save")).to_be_disabled()  # nothing chosen yet
+    newcomer = ui_server.predict(DIGIT_MODEL, png_bytes(draw_digit(7)))["request_id"]  # arrives meanwhile
+    popover.get_by_test_id("stSelectbox").click()
+    ui.get_by_role("option", name="4", exact=True).click()  # a rerun: the newcomer is now listed first
+    settle(ui)
+    if not popover.is_visible():
+        row.get_by_role("button", name="Wrong?").click()
+    popover.get_by_role("button", name="Save").click()
+    expect(ui.get_by_test_id("stAlertContentSuccess")).to_contain_text("should have been '4'")
+    expect(row).to_contain_text("→ 4")
+    corrected = {r["request_id"]: r["true_label"] for r in log.recent(limit=5)}
+    assert corrected[rid] == "4" and corrected[newcomer] is None
+
+
+def test_live_predictions_are_logged_as_live(ui, ui_server):
+    """"Predict while drawing" answers each stroke without Predict; those answers of a drawing in
+    progress are logged as client "ui-live", so the history (and "Only this UI's predictions")
+    tells them from the predictions asked for."""
+    from handlers.prediction_log import PredictionLog, url_for_run_dir
+    go(ui, "Draw a digit")
+    ui.get_by_text("Predict while drawing").click()
+    settle(ui)
+    try:
+        draw(ui, 1)
+        expect(predicted_digit(ui)).to_have_text("1")
+        (row,) = PredictionLog(url_for_run_dir(ui_server.run_dir)).recent(limit=1)
+        assert row["client"] == "ui-live" and row["label"] == "1"
+    finally:
+        ui.get_by_text("Predict while drawing").click()
+        settle(ui)
+        clear(ui)
 
 
 def test_blank_canvas_gets_the_handler_message(ui):
@@ -282,7 +318,7 @@ def test_new_default_version_serves_the_next_prediction(ui, ui_server):
         expect(ui.get_by_text(f"{DIGIT_MODEL} version 1.1 (onnx)")).to_be_visible()
         clear(ui)
         go(ui, "History")
-        expect(ui.locator(".st-key-history_0")).to_contain_text("1.1")
+        expect(history_rows(ui).first).to_contain_text("1.1")
         screenshot(ui, "history")
     finally:
         ui_server.set_default(DIGIT_MODEL, "1.0")
@@ -293,6 +329,19 @@ def test_the_pages_fetch_nothing_from_the_internet(ui):
     for title in ("Draw a digit", "Upload a photo", "Models", "History"):
         go(ui, title)
     assert ui.outside == []
+
+
+def test_every_page_has_its_own_address(ui, ui_url):
+    """A bookmark or a shared link opens its page (/draw once answered "Page not found"); / opens the
+    drawing page. Each goto is a new Streamlit session, as a new visitor's."""
+    pages = {"": "Draw a digit", "draw": "Draw a digit", "upload": "Upload a photo", "models": "Models",
+             "history": "History"}
+    for path, title in pages.items():
+        ui.goto(f"{ui_url}/{path}")
+        expect(ui.get_by_role("heading", level=1)).to_contain_text(title)
+        settle(ui)
+        assert "Page not found" not in ui.content(), path
+        assert urlsplit(ui.url).path.strip("/") == (path or "draw")
 
 
 def test_stopped_server_shows_an_error_not_a_traceback(ui, ui_server):

@@ -16,8 +16,13 @@ from ui import overview, predict, shared  # noqa: E402
 
 # The tab icon is a file of ours: a Material icon name would make the browser fetch it from the internet.
 st.set_page_config(page_title="Digits and photos", page_icon=str(Path(__file__).parent / "favicon.png"), layout="wide")
+draw = st.Page(predict.draw_page, title="Draw a digit", icon=":material/draw:", url_path="draw")
+# Streamlit serves the default page at / only, and answers its own url_path with "Page not found":
+# so the default is a hidden page that moves on to the drawing page, which then has /draw as well.
+home = st.Page(lambda: st.switch_page(draw), title="Draw a digit", url_path="home", default=True, visibility="hidden")
 page = st.navigation([
-    st.Page(predict.draw_page, title="Draw a digit", icon=":material/draw:", url_path="draw", default=True),
+    home,
+    draw,
     st.Page(predict.upload_page, title="Upload a photo", icon=":material/photo_camera:", url_path="upload"),
     st.Page(overview.models_page, title="Models", icon=":material/deployed_code:", url_path="models"),
     st.Page(overview.history_page, title="History", icon=":material/history:", url_path="history"),

@@ -11,8 +11,8 @@ from ui import shared
 
 WEIGHTS = shared.ROOT / "training" / "weights"
 MANIFEST = shared.ROOT / "model_store" / "manifest.json"
-HISTORY_COLUMNS = {"Input": 1, "Time": 1.1, "Model": 2.4, "Client": 1, "Result": 1.3, "Confidence": 1.2,
-                   "Handler": 1, "": 1.4}
+HISTORY_COLUMNS = {"Input": 1, "Time": 1.5, "Model": 2.2, "Client": 1, "Result": 1.3, "Confidence": 1.2,
+                   "Latency (handler)": 1.2, "": 1.3}
 
 
 def models_page():
@@ -99,36 +99,54 @@ def history_page():
     if log is None:
         st.info("The prediction log is off (PREDICTION_LOG_URL=off).", icon=":material/history:")
         return
-    mine = st.toggle("Only this UI's predictions", key="history_mine")
+    saved = st.session_state.pop("history_saved", None)
+    if saved:  # left by the Save of a correction: the page has been redrawn since
+        st.success(saved, icon=":material/check:")
+    model_filter, mine_filter, page_input = st.columns([2, 2, 1], vertical_alignment="bottom")
+    models = shared.models_for("digit_handler.py") + shared.models_for("image_handler.py")  # served or not
+    model = model_filter.selectbox("Model", ["every model", *models], key="history_model")
+    mine = mine_filter.toggle("Only this UI's predictions", key="history_mine")
+    where = {k: v for k, v in (("client", "ui" if mine else None),
+                               ("model", None if model == "every model" else model)) if v}
     try:
-        rows = log.recent(limit=shared.HISTORY_LENGTH, client="ui" if mine else None)
+        total = log.count(**where)
+        pages = max(1, -(-total // shared.HISTORY_LENGTH))
+        page = page_input.number_input(f"Page (of {pages})", 1, pages, 1, key="history_page")
+        rows = log.recent(limit=shared.HISTORY_LENGTH, offset=(page - 1) * shared.HISTORY_LENGTH, **where)
     except shared.LOG_ERRORS as e:
         st.error(f"The prediction log cannot be read: {e}", icon=":material/error:")
         return
     if not rows:
         st.info("No predictions yet: draw a digit or upload a photo.", icon=":material/history:")
         return
-    st.caption(f"The last {len(rows)} predictions TorchServe served ({'this UI' if mine else 'every client'}), "
-               f"newest first, from the prediction log. Mark a wrong one with the right label: "
-               f"`make corrections MODEL=...` exports them for fine-tuning.")
+    first = (page - 1) * shared.HISTORY_LENGTH
+    st.caption(f"Predictions {first + 1:,} to {first + len(rows):,} of {total:,} that TorchServe served "
+               f"({'this UI' if mine else 'every client'}, {model}), newest first, from the prediction log. "
+               f"Mark a wrong one with the right label: `make corrections MODEL=...` exports them for fine-tuning.")
     for column, name in zip(st.columns(list(HISTORY_COLUMNS.values())), HISTORY_COLUMNS):
         column.markdown(f"**{name}**")
-    for i, row in enumerate(rows):
-        history_row(i, row, log)
+    for row in rows:
+        history_row(row, log)
 
 
-def history_row(i: int, row: dict, log):
-    with st.container(key=f"history_{i}"):
+def history_row(row: dict, log):
+    """One prediction. Its widgets are keyed by the request id, not the row's place: a prediction
+    arriving while a correction is being chosen moves the rows, never the correction."""
+    rid = row["request_id"]
+    with st.container(key=f"prediction_{rid}"):
         cells = st.columns(list(HISTORY_COLUMNS.values()), vertical_alignment="center")
         cells[0].image(shared.enlarged(decode_pixels(row), 56))
-        cells[1].write(datetime.fromtimestamp(row["created"]).strftime("%H:%M:%S"))
+        cells[1].write(datetime.fromtimestamp(row["created"]).strftime("%Y-%m-%d %H:%M:%S"))
         cells[2].write(f"{row['model']} {row['version']}")
         cells[3].write(row["client"])
         cells[4].write(f"**{row['label']}**" + (f" → {row['true_label']}" if row["true_label"] else ""))
         cells[5].write(f"{row['confidence']:.1%}")
         cells[6].write(f"{row['latency_ms']:.0f} ms")
         with cells[7].popover("Wrong?"):
-            right = st.selectbox("Right label", shared.class_names(row["model"]), key=f"right_{i}")
-            if st.button("Save", key=f"save_{i}"):
-                log.correct(row["request_id"], right)
+            right = st.selectbox("Right label", shared.class_names(row["model"]), index=None,
+                                 placeholder="choose the right label", key=f"right_{rid}")
+            if st.button("Save", key=f"save_{rid}", disabled=right is None):
+                log.correct(rid, right)
+                st.session_state.history_saved = (f"Saved: the {row['model']} prediction "
+                                                  f"{row['label']!r} should have been {right!r}.")
                 st.rerun()

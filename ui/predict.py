@@ -25,7 +25,8 @@ def draw_page():
         strokes = len((canvas.json_data or {}).get("objects", []))
         # The canvas PNG goes as it is (transparent background): the handler reads alpha as ink.
         asked = image is not None and (predict_now or (live and strokes > 0))
-        result = (shared.predict("draw", model, version, image, top_k=10, force=predict_now) if asked
+        result = (shared.predict("draw", model, version, image, top_k=10, force=predict_now,
+                                 live=not predict_now) if asked
                   else shared.answered("draw", model, version, image, top_k=10))
         if result:
             digit_result(result)

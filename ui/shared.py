@@ -57,7 +57,7 @@ def explain(error: Exception, subject: str) -> str:
     if error.status == 404:
         return f"{subject} is not loaded on TorchServe ({error.message})."
     if error.status == 503:
-        return f"{subject} has no worker ready: try again in a moment ({error.message})."
+        return f"{subject} is busy (its queue is full) or has no worker ready: try again in a moment ({error.message})."
     if error.status in (408, 504):
         return f"{subject} took too long to answer ({error.message})."
     if error.status == 413:
@@ -117,15 +117,17 @@ def pick_model(handler: str, page: str) -> tuple[str, str] | None:
     return model, version
 
 
-def predict(page: str, model: str, version: str, image: bytes, top_k: int, force: bool = True) -> dict | None:
+def predict(page: str, model: str, version: str, image: bytes, top_k: int, force: bool = True,
+            live: bool = False) -> dict | None:
     """Ask TorchServe and remember the answer as the page's result (TorchServe logs it). Without
     `force`, the page's last answer to the same request is reused: Streamlit reruns the whole page on
-    every click, and that should not send (and log) the same prediction again."""
+    every click, and that should not send (and log) the same prediction again. `live`: a prediction
+    of a drawing still in progress, logged as client "ui-live" so the history tells it apart."""
     if not force and (result := answered(page, model, version, image, top_k)):
         return result
     start = time.perf_counter()
     result = attempt(client().predict, model, image, version, top_k=top_k, return_input=True,
-                     subject=f"{model} {version}")
+                     subject=f"{model} {version}", **({"client": "ui-live"} if live else {}))
     if result is None:
         return None
     result["latency_ms"] = (time.perf_counter() - start) * 1000

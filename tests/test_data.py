@@ -67,3 +67,38 @@ def test_validation_split_is_disjoint_and_seeded(mnist_test):
     assert len(train) == 55000 and len(val) == 5000
     again = train_val_datasets("mnist", DATA_DIR, val_size=5000, seed=0)[1]
     assert torch.equal(val.images, again.images)
+
+
+def _centre_of_mass(digit: np.ndarray):
+    rows, cols = np.mgrid[0:28, 0:28]
+    return (digit * rows).sum() / digit.sum(), (digit * cols).sum() / digit.sum()
+
+
+def test_served_preprocessing_is_the_handlers_own(mnist_test):
+    """Training on `served` images means training on what the handler makes of a PNG upload."""
+    import io
+    from PIL import Image
+    from base_classifier import decode_image
+    from digit_handler import mnist_style
+    from training.data import as_served
+    images = torch.from_numpy(mnist_test[0][:50, None])
+    for image, seen in zip(images, as_served("mnist", images)):
+        buffer = io.BytesIO()
+        Image.fromarray(image[0].numpy()).save(buffer, "PNG")
+        assert np.array_equal(seen[0].numpy(), mnist_style(decode_image(buffer.getvalue())))
+
+
+def test_drawn_digit_distorts_then_preprocesses_like_the_handler(mnist_test):
+    from training.data import DrawnDigit
+    torch.manual_seed(0)
+    drawn, digit = DrawnDigit(), torch.from_numpy(mnist_test[0][:1])
+    samples = [drawn(digit) for _ in range(20)]
+    for s in samples:
+        assert s.shape == (1, 28, 28) and s.dtype == torch.uint8 and s.max() >= 200
+        cy, cx = _centre_of_mass(s[0].numpy().astype(float))
+        assert abs(cy - 14) < 1 and abs(cx - 14) < 1  # centred as the handler centres every upload
+        rows, cols = np.nonzero(s[0].numpy() > 32)
+        assert max(np.ptp(rows), np.ptp(cols)) + 1 <= 22  # fitted into MNIST's 20x20 box
+    ink = [int((s > 128).sum()) for s in samples]
+    assert max(ink) > 1.3 * min(ink)  # pen widths differ between samples
+    assert len({s.numpy().tobytes() for s in samples}) == len(samples)  # each one distorted differently

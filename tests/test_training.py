@@ -3,6 +3,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 import torch
 
 from drawing import draw_digit
@@ -98,3 +99,26 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert [h["train_loss"] for h in whole["history"]] == [h["train_loss"] for h in parts_state["history"]]
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, parts_state["model"][name]), name
+
+
+def test_a_resumed_run_may_be_given_another_length(tmp_path):
+    """--epochs with --resume (a run shortened to fit its time): the one-cycle schedule of the new
+    length continues from the step the run reached; any other change of the recipe is refused."""
+    tiny_mnist(tmp_path)
+    common = ["--model", "mnist_lenet5", "--data-dir", str(tmp_path), "--batch-size", "32", "--limit", "200",
+              "--threads", "1", "--output-dir", str(tmp_path / "run")]
+    train.main(train.get_args_parser().parse_args(common + ["--epochs", "2"]))
+    train.main(train.get_args_parser().parse_args(common + ["--epochs", "3", "--resume"]))
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    steps = state["scheduler"]["last_epoch"]
+    assert steps == 3 * (200 // 32)  # the schedule went on from epoch 2's last step, not from its start
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    reference = torch.optim.lr_scheduler.OneCycleLR(probe, 0.1, total_steps=steps, pct_start=0.25)
+    for _ in range(steps):
+        probe.step()
+        reference.step()
+    lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert abs(lr - probe.param_groups[0]["lr"]) < 1e-9 * max(lr, 1e-9) + 1e-12
+    with pytest.raises(SystemExit, match="was trained with"):
+        train.main(train.get_args_parser().parse_args(common + ["--epochs", "3", "--lr", "0.05", "--resume"]))

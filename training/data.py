@@ -7,13 +7,16 @@ CIFAR10 class (the python pickles it downloads) or from the official binary vers
 import argparse
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 # Where the real data sets live: beside the checkout (../shared/data), or wherever DATA_DIR points.
 # Only training, `make evaluate` and validating a newly built format read them; a fresh clone without
@@ -119,11 +122,69 @@ def normalize(dataset: str):
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN[dataset], STD[dataset])])
 
 
-def train_transform(dataset: str):
-    """Mild augmentation: small affine distortions for digits (no flips: a 2 is not a mirrored 5);
-    pad-and-crop, flip and Cutout for CIFAR-10."""
+HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
+
+
+def handler_preprocessing(dataset: str):
+    """The serving handler's own preprocessing (PIL image -> the uint8 pixels the model sees), so that
+    training, evaluation and serving cannot disagree about it."""
+    if str(HANDLERS) not in sys.path:  # as shipped in the .mar: the handlers import each other by name
+        sys.path.insert(0, str(HANDLERS))
+    from digit_handler import mnist_style
+    from image_handler import cifar_style
+    return {"mnist": mnist_style, "cifar10": cifar_style}[dataset]
+
+
+def as_served(dataset: str, images: torch.Tensor, desc: str = "") -> torch.Tensor:
+    """uint8 N x C x H x W -> the same images after the handler's preprocessing. (A PNG round trip
+    would give the handler the same pixels: PNG is lossless; training/evaluate.py makes it anyway.)"""
+    preprocess, seen = handler_preprocessing(dataset), []
+    for image in tqdm(images, desc=desc or f"{dataset} through the handler's preprocessing", leave=False):
+        pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+        out = preprocess(Image.fromarray(pixels))
+        seen.append(torch.from_numpy(out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy()))
+    return torch.stack(seen)
+
+
+class DrawnDigit:
+    """A training digit made to differ the way canvas drawings and photos differ from MNIST, then
+    preprocessed by the handler exactly as a served image is (no training/serving skew):
+    pen width (dilation/erosion at 2x resolution, where a 3x3 step is half an MNIST pixel),
+    proportions (aspect 0.7-1.3), slant and rotation (shear, +-12 degrees), wobble (elastic distortion).
+    Position and size need no augmentation: the handler crops, fits and centres every image."""
+    UPSCALE = 56  # px: dilation/erosion in steps fine enough for MNIST's ~2-3 px strokes
+
+    def __init__(self):
+        self.preprocess = handler_preprocessing("mnist")
+        self.distort = v2.Compose([
+            v2.RandomAffine(degrees=12, shear=(-15, 15, -5, 5)),
+            v2.RandomApply([v2.ElasticTransform(alpha=40.0, sigma=5.0)], p=0.5),
+        ])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        aspect = 0.7 + 0.6 * torch.rand(()).item()
+        size = (max(8, round(self.UPSCALE * aspect)), self.UPSCALE)  # (width, height)
+        digit = Image.fromarray(x[0].numpy()).resize(size, Image.Resampling.BILINEAR)
+        pen = torch.randint(0, 5, ()).item()  # 0: thinner, 1-2: as written, 3: thicker, 4: much thicker
+        if pen == 0:
+            digit = digit.filter(ImageFilter.MinFilter(3))
+        elif pen >= 3:
+            digit = digit.filter(ImageFilter.MaxFilter(3 if pen == 3 else 5))
+        distorted = self.distort(torch.from_numpy(np.asarray(digit).copy())[None])
+        try:
+            out = self.preprocess(Image.fromarray(distorted[0].numpy()))
+        except ValueError:  # the handler's BadInput: erosion wiped a faint digit out; keep it as written
+            out = self.preprocess(Image.fromarray(x[0].numpy()))
+        return torch.from_numpy(out)[None]
+
+
+def train_transform(dataset: str, served: bool = False):
+    """Augmentation. Digits: small affine distortions (no flips: a 2 is not a mirrored 5), or with
+    `served` the drawing-like distortions of DrawnDigit followed by the handler's preprocessing.
+    CIFAR-10: pad-and-crop, flip and Cutout."""
     if dataset == "mnist":
-        aug = [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8)]
+        aug = [DrawnDigit()] if served else [
+            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=8)]
         return v2.Compose(aug + [normalize(dataset)])
     return v2.Compose([
         v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(), normalize(dataset),
@@ -131,15 +192,21 @@ def train_transform(dataset: str):
     ])
 
 
-def train_val_datasets(dataset: str, data_dir, val_size: int, seed: int, download: bool = False):
-    """Hold out `val_size` training images (seeded) for model selection; the test split stays unseen."""
+def train_val_datasets(dataset: str, data_dir, val_size: int, seed: int, download: bool = False,
+                       served: bool = False):
+    """Hold out `val_size` training images (seeded) for model selection; the test split stays unseen.
+    `served`: validation images go through the handler's preprocessing, training images through
+    DrawnDigit (which ends with it)."""
     images, labels = load_split(dataset, data_dir, train=True, download=download)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size], order[val_size:]
-    return (ImageTensors(images[train], labels[train], train_transform(dataset)),
-            ImageTensors(images[val], labels[val], normalize(dataset)))
+    val_images = as_served(dataset, images[val], "validation through the handler") if served else images[val]
+    return (ImageTensors(images[train], labels[train], train_transform(dataset, served)),
+            ImageTensors(val_images, labels[val], normalize(dataset)))
 
 
-def test_dataset(dataset: str, data_dir, download: bool = False):
+def test_dataset(dataset: str, data_dir, download: bool = False, served: bool = False):
     images, labels = load_split(dataset, data_dir, train=False, download=download)
+    if served:
+        images = as_served(dataset, images, "test through the handler")
     return ImageTensors(images, labels, normalize(dataset))

@@ -18,11 +18,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data import DEFAULT_DATA_DIR, DataMissing, ImageTensors, data_dir_arg, load_split, normalize
+from training.data import (DEFAULT_DATA_DIR, DataMissing, ImageTensors, data_dir_arg, handler_preprocessing, load_split,
+                           normalize)
 from training.models import MODELS, dataset_of, load_weights
 from training.train import PRESETS, WEIGHTS_DIR
 
-HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
 
 ANCHORS = {
     "mnist_lenet5": "LeCun et al. 1998: 99.05% (99.2% with distortions)",
@@ -33,13 +33,8 @@ ANCHORS = {
 
 def served_pixels(dataset: str, images: torch.Tensor) -> torch.Tensor:
     """Each uint8 test image as a PNG file, decoded and preprocessed by the handler that serves it."""
-    if str(HANDLERS) not in sys.path:  # as shipped in the .mar: the handlers import each other by name
-        sys.path.insert(0, str(HANDLERS))
+    preprocess = handler_preprocessing(dataset)  # puts handlers/ on sys.path, as they are shipped in the .mar
     from base_classifier import decode_image
-    from digit_handler import mnist_style
-    from image_handler import cifar_style
-
-    preprocess = {"mnist": mnist_style, "cifar10": cifar_style}[dataset]
     seen = []
     for image in tqdm(images, desc=f"{dataset} as PNG through the handler", leave=False):
         pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()

@@ -45,7 +45,8 @@ optimize/exported/%/export.json: training/weights/%.pt optimize/export.py | venv
 
 export: $(EXPORTS)
 
-model_store/manifest.json: $(EXPORTS) model_store/models.yaml model_store/archive.py $(wildcard handlers/*.py) | venv
+model_store/manifest.json: $(EXPORTS) model_store/models.yaml model_store/archive.py $(wildcard handlers/*.py) \
+		$(wildcard training/weights/*_calibration.json) | venv
 	$(PY) -m model_store.archive
 
 archive: model_store/manifest.json
@@ -82,6 +83,10 @@ docs-screenshots: test-prerequisites  # refresh docs/ui_*.png from a browser run
 
 evaluate: venv
 	$(PY) -m training.evaluate
+
+.PHONY: calibrate
+calibrate: venv  # temperature scaling of every shipped model (needs the data sets): training/calibrate.py
+	$(PY) -m training.calibrate
 
 corrections: venv  # predictions users corrected, as a data set: make corrections MODEL=mnist_lenet5
 	$(PY) -m serving.corrections --model $(MODEL) --out data/corrections/$(MODEL)

@@ -121,3 +121,7 @@ def _center_of_mass_to_middle(digit: np.ndarray) -> np.ndarray:
 class DigitHandler(ImageClassifier):
     def preprocess_image(self, image):
         return mnist_style(image)
+
+    def explain_baseline(self):
+        """An occluded pixel becomes background: black, as MNIST's."""
+        return (0 - self.mean) / self.std

@@ -18,6 +18,7 @@ A version in models.yaml is either `"1.1": onnx` (loaded at start) or
 worker costs ~400 MB and start-up time); `python -m serving.modelctl register <archive>` serves it.
 """
 import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -39,7 +40,7 @@ from training.train import WEIGHTS_DIR
 STORE = Path(__file__).parent
 ROOT = STORE.parent
 HANDLERS = ROOT / "handlers"
-HANDLER_MODULES = ("base_classifier.py", "runtimes.py", "prediction_log.py")  # shipped beside every handler
+HANDLER_MODULES = ("base_classifier.py", "runtimes.py", "prediction_log.py", "explain.py")  # shipped beside every handler
 
 
 def load_settings(path=STORE / "models.yaml") -> dict:
@@ -63,8 +64,29 @@ def version_spec(value) -> tuple[str, bool]:
 def model_config(settings: dict, model: str, fmt: str) -> dict:
     dataset = dataset_of(model)
     handler = dict(settings["defaults"]["handler"], format=fmt, classes=list(CLASSES[dataset]),
-                   mean=list(MEAN[dataset]), std=list(STD[dataset]))
+                   mean=list(MEAN[dataset]), std=list(STD[dataset]), temperature=temperature(model))
     return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
+
+
+def temperature(model: str) -> float:
+    """The handler divides the logits by this before the softmax: the T fitted on the validation split
+    (training/calibrate.py, committed as <model>_calibration.json, so archives build without data).
+    Figures of other weights would serve confidences nobody measured, so they stop the build."""
+    path, fix = WEIGHTS_DIR / f"{model}_calibration.json", f"python -m training.calibrate --model {model}"
+    if not path.exists():
+        _note_uncalibrated(model, path, fix)
+        return 1.0
+    record = json.loads(path.read_text())
+    if record["weights_sha256"] != hashlib.sha256((WEIGHTS_DIR / f"{model}.pt").read_bytes()).hexdigest():
+        raise SystemExit(f"error: {path.name} was fitted to other weights than {model}.pt: run `{fix}` "
+                         "(needs the data sets)")
+    return float(record["temperature"])
+
+
+@functools.cache  # once per model, not once per archived version
+def _note_uncalibrated(model: str, path: Path, fix: str):
+    print(f"note: {model} has no {path.name}: served with temperature 1.0 (uncalibrated); `{fix}` fits one",
+          file=sys.stderr)
 
 
 def build_isolated(model: str, fmt: str, data_dir):

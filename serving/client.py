@@ -135,10 +135,19 @@ class TorchServeClient:
     def predict(self, model: str, image: bytes, version: str | None = None, **options) -> dict:
         """POST the image as the raw body; options (top_k=3, return_input=True) go as X- headers,
         since TorchServe does not pass query parameters on to the handler."""
+        return self._send_image("predictions", model, image, version, options)
+
+    def explain(self, model: str, image: bytes, version: str | None = None, **options) -> dict:
+        """POST the image to TorchServe's explanations API: the prediction and an attribution map over
+        the image the model saw (`attribution`, H x W in [-1, 1]; handlers/explain.py). Options and
+        retries as for predict."""
+        return self._send_image("explanations", model, image, version, options)
+
+    def _send_image(self, api: str, model: str, image: bytes, version: str | None, options: dict) -> dict:
         path = f"{model}/{version}" if version else model
         headers = {f"X-{k.replace('_', '-').title()}": str(v).lower() for k, v in options.items()}
         headers.setdefault("X-Client", self.client_name)  # client="ui-live" names another caller
-        return self._request("POST", f"{self.inference_url}/predictions/{path}", "inference", retry_shed=True,
+        return self._request("POST", f"{self.inference_url}/{api}/{path}", "inference", retry_shed=True,
                              data=image, headers=headers)
 
     def models(self) -> list[str]:

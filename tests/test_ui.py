@@ -197,6 +197,20 @@ def test_drawn_digits_are_recognised_and_listed_in_history(ui):
     expect(newest.get_by_test_id("stImage")).to_be_visible()
 
 
+def test_an_answer_is_explained_on_request(ui):
+    """Explain overlays TorchServe's attribution map on what the model saw; nothing is asked before."""
+    go(ui, "Draw a digit")
+    clear(ui)
+    expect(ui.locator("canvas.upper-canvas")).to_be_visible()  # the canvas mounts again after Clear
+    draw_and_predict(ui, 7)
+    expect(predicted_digit(ui)).to_have_text("7")
+    caption = ui.get_by_text("Why 7: red for, blue against")
+    expect(caption).to_have_count(0)
+    ui.get_by_text("Explain", exact=True).click()  # the toggle under what the model saw
+    expect(caption).to_be_visible(timeout=30_000)
+    expect(ui.get_by_test_id("stImage")).to_have_count(2)  # what the model saw, and the explanation over it
+
+
 def test_a_prediction_marked_wrong_keeps_the_right_label(ui, ui_server):
     """No label is chosen for the user (a hasty Save once recorded the first class), and the
     correction lands on its own prediction even when a new one arrives while it is being chosen

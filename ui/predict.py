@@ -29,7 +29,7 @@ def draw_page():
                                  live=not predict_now) if asked
                   else shared.answered("draw", model, version, image, top_k=10))
         if result:
-            digit_result(result)
+            digit_result(result, image)
         elif not asked:
             st.info("Draw one digit, large and centred, then press **Predict**.", icon=":material/draw:")
 
@@ -54,7 +54,7 @@ def clear_canvas():
     st.session_state.canvas_generation += 1
 
 
-def digit_result(result: dict):
+def digit_result(result: dict, image: bytes):
     st.html(BIG_DIGIT_CSS)
     digit, facts = st.columns([1, 2], vertical_alignment="center")
     with digit.container(key="digit"):
@@ -67,6 +67,8 @@ def digit_result(result: dict):
                                  columns=["digit", "probability"]).sort_values("digit")
     chart.bar_chart(probabilities, x="digit", y="probability", sort=False, height=240)
     seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="What the model saw: 28×28, enlarged")
+    with seen:
+        explained("draw", result, image)
 
 
 def upload_page():
@@ -95,10 +97,10 @@ def upload_page():
     with answer:
         result = shared.predict("upload", model, version, sent, top_k=3, force=False)
         if result:
-            photo_result(result)
+            photo_result(result, sent)
 
 
-def photo_result(result: dict):
+def photo_result(result: dict, image: bytes):
     label, seen = st.columns([3, 2])
     with label:
         st.metric("Prediction", result["label"])
@@ -107,3 +109,16 @@ def photo_result(result: dict):
         st.caption(f"{result['model']} version {result['version']} ({result['format']}) · "
                    f"round trip {result['latency_ms']:.0f} ms")
     seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="As the model saw it: 32×32, enlarged")
+    with seen:
+        explained("upload", result, image)
+
+
+def explained(page: str, result: dict, image: bytes):
+    """On request, the explanation of the answer overlaid on what the model saw."""
+    if not st.toggle("Explain", key=f"{page}_explain",
+                     help="Which parts of what the model saw made it answer this: red for, blue against "
+                          "(TorchServe's explanations API, Occlusion)."):
+        return
+    explanation = shared.explanation(page, result["model"], result["version"], image)
+    if explanation:
+        st.image(shared.overlay(explanation, SEEN_PX), caption=f"Why {explanation['label']}: red for, blue against")

@@ -144,6 +144,30 @@ def answered(page: str, model: str, version: str, image: bytes | None, top_k: in
     return last[1]
 
 
+def explanation(page: str, model: str, version: str, image: bytes) -> dict | None:
+    """TorchServe's explanation of this image (POST /explanations: Occlusion over what the model saw),
+    asked once per model, version and image; None after showing why it failed."""
+    asked = st.session_state.setdefault(f"{page}_explanations", {})
+    key = (model, version, hashlib.sha256(image).hexdigest())
+    if key not in asked:
+        answer = attempt(client().explain, model, image, version=version)
+        if answer is None:
+            return None
+        asked[key] = answer
+    return asked[key]
+
+
+def overlay(explanation: dict, size: int) -> Image.Image:
+    """What the model saw with the attribution over it: red where a region made the prediction more
+    likely, blue where it spoke against it, the stronger the more it mattered."""
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(explanation["input_image"]))).convert("RGB"),
+                      np.float32) / 255
+    attribution = np.asarray(explanation["attribution"], np.float32)
+    colour = np.stack([attribution.clip(0, 1), np.zeros_like(attribution), (-attribution).clip(0, 1)], -1)
+    weight = 0.75 * np.abs(attribution)[..., None]
+    return enlarged((255 * ((1 - weight) * seen + weight * colour)).round().astype(np.uint8), size)
+
+
 def _request(model: str, version: str, image: bytes, top_k: int) -> tuple:
     return model, version, top_k, hashlib.sha256(image).hexdigest()
 

@@ -12,7 +12,7 @@ UI_PORT ?= 8501
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo demo-check test test-prerequisites docs-screenshots evaluate corrections clean
+.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo demo-check test test-fast test-prerequisites docs-screenshots evaluate corrections clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
@@ -78,6 +78,9 @@ test-prerequisites: venv chromium postgres grpc archive
 test: test-prerequisites
 	$(PY) -m pytest tests
 
+test-fast: venv export  # the unit tests alone (pytest.ini: markers), in seconds
+	$(PY) -m pytest tests -m unit -q
+
 docs-screenshots: test-prerequisites  # refresh docs/ui_*.png from a browser run
 	UPDATE_DOCS=1 $(PY) -m pytest tests/test_ui.py
 
@@ -108,15 +111,22 @@ bench-formats-quick: archive
 
 # Load tests (loadtest/) against the server `make serve` started; results in results/loadtest/<time>/.
 # e.g. make loadtest USERS=32 DURATION=30 PROTOCOL=grpc TARGETS="mnist_lenet5:1.1=1"
+# Distributed: make loadtest WORKERS=4 (a Locust master and 4 worker processes); another server:
+# make loadtest HOST=http://<load balancer>:8080 KEY_FILE=<its key file> TARGETS=mnist_lenet5 (REST)
+WORKERS ?= 0
+HOST ?=
+KEY_FILE ?=
 USERS ?= 16
 SPAWN_RATE ?= 16
 DURATION ?= 60
 PROTOCOL ?= rest
 TARGETS ?=
 TARGET_ARG = $(if $(TARGETS),--targets "$(TARGETS)")
+REMOTE_ARGS = $(if $(HOST),--host "$(HOST)") $(if $(KEY_FILE),--key-file "$(KEY_FILE)")
 .PHONY: loadtest loadtest-knee bench-serving soak
 loadtest: venv grpc
-	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) $(TARGET_ARG)
+	$(PY) -m loadtest.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) --protocol $(PROTOCOL) $(TARGET_ARG) \
+		--workers $(WORKERS) $(REMOTE_ARGS)
 
 loadtest-knee: venv grpc  # step load: the highest request rate whose p99 stays under the SLO
 	$(PY) -m loadtest.run --step --protocol $(PROTOCOL) $(TARGET_ARG)
@@ -126,3 +136,54 @@ soak: venv grpc archive  # 20 minutes of mixed load on a TorchServe of its own: 
 
 bench-serving: venv grpc archive  # the tuning sweep and the Flask baseline, side by side (~40 min): BENCHMARKS.md
 	$(PY) -m loadtest.bench
+
+# Container deployment (deploy/, README "Deploy"): 2 TorchServe replicas behind nginx, PostgreSQL, the
+# UI, with podman and podman-compose. DEPLOY_BASE: the images' base; by default one built here from
+# Debian's packages (this machine pulls from no container registry); elsewhere e.g.
+# make deploy-up DEPLOY_BASE=docker.io/library/python:3.11-slim-bookworm
+DEPLOY_BASE ?= localhost/deploy-base:bookworm
+DEPLOY_COMPOSE = deploy/.tools/bin/podman-compose -f deploy/compose.yaml
+DEPLOY_BUILD = podman build --format docker --build-arg BASE=$(DEPLOY_BASE)
+# pip inside a build: this machine's pip configuration and CA bundle, as build secrets (not in the image)
+DEPLOY_PIP_SECRETS = --secret id=pip_conf,src=deploy/.build/pip.conf --secret id=pip_cert,src=deploy/.build/pip_cert
+.PHONY: deploy-tools deploy-base deploy-images deploy-keys deploy-up deploy-down deploy-reload-keys test-deploy
+deploy-tools deploy-base deploy-images deploy-up deploy-down deploy-reload-keys test-deploy: export CONTAINERS_CONF = $(CURDIR)/deploy/containers.conf
+
+deploy-tools:  # podman (with runc: crun refuses this machine's hybrid cgroups), mmdebstrap, podman-compose
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+		(apt-get update -q && apt-get install -y -q podman runc uidmap slirp4netns fuse-overlayfs mmdebstrap)
+	@test -x deploy/.tools/bin/podman-compose || (python3 -m venv deploy/.tools && \
+		deploy/.tools/bin/pip install -q --disable-pip-version-check -r deploy/requirements-tools.txt)
+
+deploy-base: deploy-tools
+	@case "$(DEPLOY_BASE)" in localhost/deploy-base:*) podman image exists $(DEPLOY_BASE) || \
+		deploy/base/build-base.sh $(DEPLOY_BASE);; esac
+
+deploy-images: deploy-base archive
+	deploy/context.sh deploy/.build/context
+	@cp $${PIP_CONFIG_FILE:-/etc/pip.conf} deploy/.build/pip.conf 2>/dev/null || : > deploy/.build/pip.conf
+	@cp $${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt} deploy/.build/pip_cert 2>/dev/null || : > deploy/.build/pip_cert
+	$(DEPLOY_BUILD) $(DEPLOY_PIP_SECRETS) --target serve -t localhost/digits-serve:latest -f deploy/Containerfile deploy/.build/context
+	$(DEPLOY_BUILD) $(DEPLOY_PIP_SECRETS) --target ui -t localhost/digits-ui:latest -f deploy/Containerfile deploy/.build/context
+	$(DEPLOY_BUILD) -t localhost/digits-nginx:latest -f deploy/nginx/Containerfile deploy/nginx
+	$(DEPLOY_BUILD) -t localhost/digits-postgres:latest -f deploy/postgres/Containerfile deploy/postgres
+	@rm -f deploy/.build/pip.conf deploy/.build/pip_cert
+	@podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep 'localhost/digits-'
+
+deploy-keys:
+	@python3 deploy/make-keys.py
+
+deploy-up: deploy-images deploy-keys
+	$(DEPLOY_COMPOSE) up -d
+	python3 deploy/wait.py --timeout 900
+	@echo "inference and management (read-only): http://127.0.0.1:$${DEPLOY_PORT:-8180}  UI: http://127.0.0.1:$${DEPLOY_UI_PORT:-8601}"
+	@echo "metrics: http://127.0.0.1:$${DEPLOY_PORT:-8180}/metrics/ts1 and /metrics/ts2; keys: deploy/secrets/ts_keys.json"
+
+deploy-down: deploy-tools
+	$(DEPLOY_COMPOSE) down -v
+
+deploy-reload-keys:  # after python3 deploy/make-keys.py --force: nginx takes the new keys, no restart
+	podman exec digits-nginx python3 /opt/nginx/entrypoint.py reload
+
+test-deploy: deploy-images venv
+	DEPLOY_TESTS=1 $(PY) -m pytest -v -s tests/test_deploy.py

@@ -8,6 +8,13 @@ Run it through `make loadtest` / `python -m loadtest.run`, which passes these op
 A run exits non-zero when its error rate exceeds --max-error-rate or a checked response disagrees
 with the image's known label. Every request is recorded in --samples-csv for loadtest/report.py,
 and beside it loadgen.json: the label checks made and failed, and the CPU Locust used during the load.
+
+Distributed (`python -m loadtest.run --workers N`: `locust --processes N`, or `--master` here and
+`--worker --master-host ...` on other machines, each given the same --targets, --key-file and
+--data-dir, which the workers need to build their images): the workers send the requests and ship their samples
+and counts to the master with every stats report; the master alone gates the run and writes
+samples.csv (a `worker` column says which worker sent each request; `users` is the sum over the
+workers) and loadgen.json (with a per-worker breakdown under `workers`).
 """
 import csv
 import json
@@ -18,6 +25,7 @@ from pathlib import Path
 import gevent
 import grpc.experimental.gevent
 from locust import FastHttpUser, User, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the project's packages, for `locust -f`
 from loadtest import settings  # noqa: E402
@@ -30,27 +38,58 @@ grpc.experimental.gevent.init_gevent()  # gRPC calls must yield to gevent, or on
 
 
 class Recorder:
-    """Every request as (seconds since start, protocol, target, latency ms, ok, users): the raw data
-    of the summary, so per-step and per-target percentiles are exact, not windowed estimates."""
+    """Every request as (seconds since start, protocol, target, latency ms, ok, users, worker): the raw
+    data of the summary, so per-step and per-target percentiles are exact, not windowed estimates.
+    Distributed, each worker's rows go to the master with its stats reports (`ship`, `receive`)."""
 
     def __init__(self, environment, max_requests: int):
         self.environment, self.max_requests = environment, max_requests
         self.rows, self.start, self.cpu_start = [], time.time(), time.process_time()
+        self.workers: dict[str, dict] = {}  # master: the latest counts of each worker, by client id
+        self.received = 0  # master: rows received from the workers
+        self.local = not isinstance(environment.runner, (MasterRunner, WorkerRunner))
 
     def users(self) -> int:
         return self.environment.runner.user_count if self.environment.runner else 0
 
     def add(self, request_type, name, response_time, exception, start_time=None, **_):
-        self.rows.append((round((start_time or time.time()) - self.start, 4), request_type, name,
-                          round(response_time, 3), int(exception is None), self.users()))
-        if len(self.rows) == self.max_requests:  # the count bound; quit from outside this user's greenlet
+        # Rows hold the request's wall-clock start: a worker's rows are put on the master's clock at the end.
+        self.rows.append((start_time or time.time(), request_type, name, round(response_time, 3),
+                          int(exception is None), self.users(), 0))
+        if self.local and len(self.rows) == self.max_requests:  # the count bound (distributed: the master's)
+            gevent.spawn(self.environment.runner.quit)  # quit from outside this user's greenlet
+
+    def ship(self, data: dict):
+        """Worker: this report's new rows, and the counts so far, for the master."""
+        data["loadtest"] = {"rows": self.rows, "checked": traffic.checked, "wrong_labels": traffic.mismatches,
+                            "cpu_s": time.process_time() - self.cpu_start}
+        self.rows = []
+
+    def receive(self, client_id: str, data: dict):
+        """Master: a worker's report."""
+        report = data.get("loadtest")
+        if report is None:
+            return
+        worker = self.workers.setdefault(client_id, {"worker": len(self.workers) + 1, "requests": 0, "failures": 0})
+        self.rows += [(*row[:6], worker["worker"]) for row in report["rows"]]
+        worker["requests"] += len(report["rows"])
+        worker["failures"] += sum(1 - row[4] for row in report["rows"])
+        worker.update(checked=report["checked"], wrong_labels=report["wrong_labels"], cpu_s=round(report["cpu_s"], 3))
+        self.received += len(report["rows"])
+        if self.received >= self.max_requests > self.received - len(report["rows"]):
             gevent.spawn(self.environment.runner.quit)
 
     def write(self, path: Path):
+        rows = sorted(self.rows) if self.workers else self.rows
+        totals, current = [], {}  # users at each request: the sum of every worker's own count, as last seen
+        for row in rows:
+            current[row[6]] = row[5]
+            totals.append(sum(current.values()))
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["t_s", "protocol", "target", "latency_ms", "ok", "users"])
-            writer.writerows(self.rows)
+            writer.writerow(["t_s", "protocol", "target", "latency_ms", "ok", "users", "worker"])
+            writer.writerows((round(t - self.start, 4), protocol, name, ms, ok, users, worker)
+                             for (t, protocol, name, ms, ok, _, worker), users in zip(rows, totals))
 
 
 traffic: Traffic | None = None
@@ -144,9 +183,14 @@ def prepare(environment, **_):
     if not environment.host:  # REST goes to the inference address of the server's config
         environment.host = read_properties(opts.ts_config)["inference_address"]
     targets = parse_targets(opts.targets)
-    pools = {m: labeled_pool(m, Path(opts.data_dir)) for m in {t.model for t in targets} - {PING}}
+    master = isinstance(environment.runner, MasterRunner)  # sends nothing itself: needs no images
+    pools = {} if master else {m: labeled_pool(m, Path(opts.data_dir)) for m in {t.model for t in targets} - {PING}}
     traffic = Traffic(targets, pools, max(1, opts.check_every))
     recorder = Recorder(environment, opts.max_requests)
+    if isinstance(environment.runner, WorkerRunner):
+        environment.events.report_to_master.add_listener(lambda client_id, data: recorder.ship(data))
+    elif master:
+        environment.events.worker_report.add_listener(recorder.receive)
 
 
 @events.test_start.add_listener
@@ -161,13 +205,21 @@ def record(**kwargs):
 
 @events.quitting.add_listener
 def gate(environment, **_):
-    """Write the samples and set the exit code from the error rate and the label checks."""
+    """Write the samples and set the exit code from the error rate and the label checks (on the master
+    when distributed: a worker's samples and counts have gone to it)."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
     opts, total = environment.parsed_options, environment.stats.total
+    workers = sorted(recorder.workers.values(), key=lambda w: w["worker"])
+    traffic.checked += sum(w.get("checked", 0) for w in workers)
+    traffic.mismatches += sum(w.get("wrong_labels", 0) for w in workers)
     if opts.samples_csv:
         recorder.write(Path(opts.samples_csv))
-        (Path(opts.samples_csv).parent / "loadgen.json").write_text(json.dumps(
-            {"checked": traffic.checked, "wrong_labels": traffic.mismatches,
-             "cpu_s": round(time.process_time() - recorder.cpu_start, 3)}))
+        loadgen = {"checked": traffic.checked, "wrong_labels": traffic.mismatches,
+                   "cpu_s": round(time.process_time() - recorder.cpu_start + sum(w.get("cpu_s", 0) for w in workers), 3)}
+        if isinstance(environment.runner, MasterRunner):
+            loadgen["workers"] = workers
+        (Path(opts.samples_csv).parent / "loadgen.json").write_text(json.dumps(loadgen))
     error_rate = total.num_failures / max(total.num_requests, 1)
     problems = [f"error rate {error_rate:.2%} > {opts.max_error_rate:.2%}"] if error_rate > opts.max_error_rate else []
     if traffic.mismatches:

@@ -4,12 +4,19 @@
     python -m loadtest.run --users 32 --duration 30 --protocol grpc --targets "mnist_lenet5:1.1=1"
     python -m loadtest.run --step --targets cifar10_resnet18    # step load: finds the knee under the SLO
     python -m loadtest.run --host http://127.0.0.1:8090 --key-file "" --targets mnist_lenet5   # Flask baseline
+    python -m loadtest.run --workers 4 --users 64                # distributed: a master and 4 worker processes
+    python -m loadtest.run --workers 4 --host http://<load balancer>:8080 --key-file keys.json --targets mnist_lenet5
 
 By default it targets the server `make serve` started (config.properties, .run/key_file.json) and
 sends to every served model and version (weights: settings.MODEL_WEIGHTS). Writes
 results/loadtest/<time>/: Locust's CSV (locust_*.csv) and HTML report (report.html), its log,
 samples.csv (every request), summary.md/.json and latency.png. Exits non-zero when the run fails its
 checks (error rate over --max-error-rate, or a checked response with the wrong label).
+
+--workers N runs Locust distributed on this machine (`locust --processes N`: one master that spawns
+and counts, N worker processes that send, so the load is not capped by one process's core); the
+results are the same files, written by the master, with a `worker` column in samples.csv and the
+per-worker counts under `workers` in summary.json. Workers on other machines: see the locustfile.
 """
 import argparse
 import subprocess
@@ -59,6 +66,8 @@ def locust_command(args, out: Path) -> list[str]:
         cmd += ["-u", str(args.users), "-r", f"{args.spawn_rate:g}"]
     if args.host:
         cmd += ["--host", args.host]
+    if args.workers:  # a master here, which forks the workers and waits for all of them before it starts
+        cmd += ["--processes", str(args.workers)]
     return cmd + USER_CLASSES[args.protocol]
 
 
@@ -72,6 +81,8 @@ def run_load(args) -> tuple[int, Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     load = f"steps of {args.step_users} users, {args.step_s:g} s each" if args.step else \
         f"{args.users} users for {args.duration:g} s"
+    if args.workers:
+        load += " from one worker process per core" if args.workers < 0 else f" from {args.workers} worker processes"
     print(f"Locust: {load}, {args.protocol}, targets {args.targets}; log: {out / 'locust.log'}", flush=True)
     with open(out / "locust.log", "w") as log:
         code = subprocess.run(locust_command(args, out), stdout=log, stderr=subprocess.STDOUT,
@@ -101,14 +112,19 @@ def get_args_parser():
     p.add_argument("--ts-config", type=Path, default=settings.TS_CONFIG, help="the server's config.properties")
     p.add_argument("--key-file", default=str(settings.KEY_FILE), help="the server's key file ('' = no token)")
     p.add_argument("--host", default="", help="REST base URL (default: inference_address of --ts-config)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="distributed: a Locust master and this many worker processes (0: one process; -1: one per core)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, help="results folder (default: results/loadtest/<time>)")
     return p
 
 
 def main(args):
-    code, out, _ = run_load(args)
+    code, out, summary = run_load(args)
     print((out / "summary.md").read_text())
+    for worker in summary.get("workers", []):
+        print(f"worker {worker['worker']}: {worker['requests']} requests, {worker['failures']} failed, "
+              f"{worker.get('cpu_s', 0):.1f} CPU s")
     print(f"results: {out}")
     if code:
         print("".join(open(out / "locust.log").readlines()[-15:]), file=sys.stderr)

@@ -8,6 +8,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other as shipped in the .mar
 from training.data import DEFAULT_DATA_DIR as DATA_DIR, has_dataset  # noqa: E402
 ARTIFACTS = ROOT / "tests" / "artifacts"
+KINDS = ("integration", "browser", "slow")  # pytest.ini; a test marked with none of them is a unit test
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the session's TorchServe or the PostgreSQL server are integration tests;
+    tests marked with no kind are unit tests (`make test-fast` runs them alone)."""
+    for item in items:
+        if {"torchserve", "postgres"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+        if not any(item.get_closest_marker(kind) for kind in KINDS):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

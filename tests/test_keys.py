@@ -20,6 +20,8 @@ from serving.client import ServeError, read_keys, refused_key
 from serving.grpc_client import GrpcClient
 from test_loadtest import run
 
+pytestmark = pytest.mark.integration  # each module starts its own TorchServe
+
 # TorchServe reads token_expiration_min as a double and keeps whole seconds of it: 15 s keys, which
 # the refresher renews 7.5 s before they expire.
 LIFETIME_MIN = 0.25

@@ -11,6 +11,8 @@ from loadtest.traffic import Target, wrong_answer
 from model_store.archive import archive_name
 from serving import server
 
+pytestmark = pytest.mark.integration  # each module starts its own TorchServe
+
 SMOKE_STEPS = "2,4"  # users per step: two steps, so the step shape and the per-step summary run too
 SMOKE_STEP_S = 8  # x 2 steps: ~15 s of load
 

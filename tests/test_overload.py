@@ -12,6 +12,8 @@ from drawing import draw_digit, png_bytes
 from loadtest.bench import ServingConfig, torchserve
 from serving.client import TorchServeClient
 
+pytestmark = pytest.mark.integration  # each module starts its own TorchServe
+
 FLOOD = 48  # requests sent at once, far more than the server below holds
 
 

@@ -194,6 +194,7 @@ def test_a_postgresql_outage_under_load_loses_no_prediction(postgres, tmp_path, 
         server.stop(tmp_path)
 
 
+@pytest.mark.integration
 def test_retention_and_input_sampling_while_serving(tmp_path, monkeypatch):
     """A server with small limits: rows past the age limit go although the table is under its row
     limit, then the oldest rows beyond the row limit go; a quarter of the rows keep their upload."""
@@ -243,6 +244,7 @@ def test_predictions_are_recorded_in_postgresql(postgres, tmp_path, monkeypatch)
     assert not (tmp_path / "predictions.db").exists()
 
 
+@pytest.mark.integration
 def test_nothing_is_lost_on_a_clean_shutdown(tmp_path):
     """Answers given right before `stop` are in the log after it."""
     client = start_torchserve(tmp_path, models=[LENET])

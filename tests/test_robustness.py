@@ -188,6 +188,7 @@ def test_decompression_bomb_is_refused_quickly(digits):
     assert elapsed < 1.0 and ("too large" in response["message"] or "pixels" in response["message"]), elapsed
 
 
+@pytest.mark.integration
 def test_a_killed_worker_is_replaced_and_service_resumes(tmp_path):
     """SIGKILL one of the model's two workers (models.yaml: one per core) under a steady stream of
     requests: only requests in flight on it may fail, the other worker keeps answering, and TorchServe

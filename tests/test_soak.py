@@ -1,7 +1,11 @@
 """The soak's short form (`make soak` runs 20 minutes): 2 minutes of mixed REST + gRPC load on a
 TorchServe of its own, with memory sampled; no failure, no replaced worker, a log row for every answer,
 and no process whose memory grows past the warm-up beyond loadtest.soak.GROWTH_LIMIT."""
+import pytest
+
 from loadtest.soak import USERS, soak
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_two_minute_soak(tmp_path):

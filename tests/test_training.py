@@ -10,6 +10,8 @@ from drawing import draw_digit
 from training import train
 from training.models import MODELS, build_model
 
+pytestmark = pytest.mark.slow  # short training runs: minutes in all
+
 
 def write_idx(path, array: np.ndarray):
     dims = array.shape

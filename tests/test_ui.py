@@ -35,7 +35,8 @@ DIGIT_MODEL, CIFAR_MODEL = "mnist_lenet5", "cifar10_resnet18"
 # serving/client.py's messages for a stopped server: TorchServe removes its key file when it stops.
 SERVER_DOWN = re.compile(r"no TorchServe key file at .*: is TorchServe running|TorchServe is not reachable")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM}: `make chromium` installs it")
+pytestmark = [pytest.mark.browser, pytest.mark.integration,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM}: `make chromium` installs it")]
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ def test_a_second_start_in_the_same_run_folder_is_refused(torchserve):
         server.start(torchserve.run_dir, server.free_ports())
 
 
+@pytest.mark.integration
 def test_a_port_in_use_is_named(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

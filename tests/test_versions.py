@@ -14,6 +14,8 @@ from serving.client import ServeError
 from serving.grpc_client import GrpcClient
 from tests.conftest import start_torchserve
 
+pytestmark = pytest.mark.integration  # each module starts its own TorchServe
+
 LENET = ["mnist_lenet5=mnist_lenet5_v1.0.mar", "mnist_lenet5=mnist_lenet5_v1.1.mar"]
 
 

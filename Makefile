@@ -78,7 +78,7 @@ test-prerequisites: venv chromium postgres grpc archive
 test: test-prerequisites
 	$(PY) -m pytest tests
 
-test-fast: venv export  # the unit tests alone (pytest.ini: markers), in seconds
+test-fast: venv export  # the unit tests alone (pytest.ini: markers): ~30 s
 	$(PY) -m pytest tests -m unit -q
 
 docs-screenshots: test-prerequisites  # refresh docs/ui_*.png from a browser run

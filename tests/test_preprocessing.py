@@ -151,6 +151,7 @@ def test_decompression_bomb_is_refused_before_decoding():
         decode_image(buf.getvalue())
 
 
+@pytest.mark.slow  # ResNet-18 on 6 x 500 real test images
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 @pytest.mark.parametrize("size", [(32, 32), (96, 96), (160, 120)])
 def test_real_cifar10_images_at_any_size_are_recognised(cifar_test, fmt, size):

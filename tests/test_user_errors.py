@@ -45,6 +45,7 @@ def test_no_archives_and_no_java_are_named(tmp_path, monkeypatch):
         server.start(tmp_path, server.free_ports())
 
 
+@pytest.mark.integration  # five CLIs in subprocesses, each importing torch
 def test_cli_errors_are_one_line():
     no_java = cli("serving.server", "start", env={"PATH": "/nonexistent"})
     assert no_java.returncode == 1 and no_java.stderr.strip().count("\n") == 0

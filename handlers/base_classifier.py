@@ -2,7 +2,7 @@
 
 Shipped inside every .mar beside digit_handler.py / image_handler.py; depends on torch, numpy and
 Pillow only (onnxruntime when the archive holds an ONNX model). Per-model settings (normalisation,
-class names, threads, top-k) come from the archive's model-config.yaml under `handler:`.
+class names, threads, top-k, test-time augmentation) come from the archive's model-config.yaml under `handler:`.
 
 A request carries one image in any of these forms:
   * the raw body (PNG, JPEG or WebP bytes),
@@ -250,7 +250,8 @@ class ImageClassifier:
             raise ValueError(f"handler temperature must be > 0, got {self.temperature}")
         path = os.path.join(context.system_properties["model_dir"], manifest["serializedFile"])
         self.format = config["format"]
-        self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)))
+        # `tta: flip` (a version of its own in models.yaml): each image is also run mirrored (runtimes.py)
+        self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)), config.get("tta"))
         url = url_from_env()
         # Settings from the environment here: a bad PREDICTION_LOG_* value fails the worker's start, with its name.
         self.log = PredictionLog(url, Settings.from_env()) if url else None

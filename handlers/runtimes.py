@@ -1,7 +1,7 @@
 """Model runtimes a handler can run: one class per kind of serialized model, chosen by model-config's `format`.
 
 Each takes (path to the serialized model, threads) and maps a normalised float32 NCHW batch to
-float32 logits. Heavy or optional runtimes (onnxruntime, tensorrt) are imported only when an archive
+float32 logits. Heavy or optional runtimes (onnxruntime, openvino, tensorrt) are imported only when an archive
 uses them. Reduced-precision formats carry their precision inside the file (a bf16 TorchScript graph,
 an INT8 ONNX graph, an fp16 ONNX graph for TensorRT), so several formats share a runtime.
 
@@ -45,6 +45,27 @@ class OnnxRuntime:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
+
+
+class OpenVinoRuntime:
+    """OpenVINO on the CPU, from an ONNX file: fp32 (model.onnx) or INT8 QDQ (model_int8.onnx, whose
+    Q/DQ pairs OpenVINO runs as int8 kernels: VNNI or AMX). Inference precision bf16 where the CPU has
+    bf16 arithmetic (AMX, AVX-512 BF16), else f32; one stream of `threads` threads per worker, as the
+    other runtimes (TorchServe's workers are the parallelism)."""
+
+    def __init__(self, path, threads):
+        import openvino as ov  # only archives of an OpenVINO format need it
+
+        core = ov.Core()
+        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.model = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                      "PERFORMANCE_HINT": "LATENCY",
+                                                      "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
+        self.request = self.model.create_infer_request()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        # The output tensor is the request's own buffer, overwritten by the next call: copied out.
+        return np.array(self.request.infer([np.ascontiguousarray(batch)])[0], np.float32)
 
 
 TRT_MAX_BATCH = 64  # largest batch of the engine's optimisation profile; larger batches run in chunks
@@ -143,10 +164,32 @@ RUNTIMES = {
     "onnx": OnnxRuntime,
     "onnx_int8": OnnxRuntime,
     "tensorrt_fp16": TensorRTRuntime,
+    "openvino_bf16": OpenVinoRuntime,
+    "openvino_int8": OpenVinoRuntime,
 }
 
 
-def load_runtime(fmt: str, path: str, threads: int):
+class FlipAverage:
+    """Flip test-time augmentation: the mean of the logits of each image and of its left-right mirror,
+    run as one batch of twice the size (twice the compute per image). Served only as a version of its
+    own (models.yaml `tta: flip`) and validated as such, never switched on silently."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        logits = self.run(np.concatenate([batch, batch[..., ::-1]]))  # NCHW: the last axis is the width
+        return (logits[: len(batch)] + logits[len(batch):]) / 2
+
+
+# model-config `tta` -> wrapper of a runtime
+TTA = {"flip": FlipAverage}
+
+
+def load_runtime(fmt: str, path: str, threads: int, tta: str | None = None):
     if fmt not in RUNTIMES:
         raise ValueError(f"no runtime for format {fmt!r}: expected one of {', '.join(RUNTIMES)}")
-    return RUNTIMES[fmt](path, threads)
+    if tta is not None and tta not in TTA:
+        raise ValueError(f"no test-time augmentation {tta!r}: expected one of {', '.join(TTA)}")
+    run = RUNTIMES[fmt](path, threads)
+    return TTA[tta](run) if tta else run

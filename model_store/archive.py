@@ -27,12 +27,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from optimize import validate
 from optimize.export import EXPORT_DIR
-from optimize.formats import BUILDERS, FORMATS, is_built, serialized_path
+from handlers.runtimes import TTA
+from optimize.formats import BUILDERS, FORMATS, built_format, is_built, serialized_path
 from training.data import CLASSES, DEFAULT_DATA_DIR, MEAN, STD, data_dir_arg
 from training.models import dataset_of
 from training.train import WEIGHTS_DIR
@@ -51,20 +53,28 @@ def archive_name(model: str, version: str) -> str:
     return f"{model}_v{version}.mar"
 
 
-def version_spec(value) -> tuple[str, bool]:
-    """A version's value in models.yaml -> (format, loaded at start)."""
+class VersionSpec(NamedTuple):
+    format: str
+    load: bool  # registered when TorchServe starts
+    tta: str | None  # test-time augmentation (handlers/runtimes.py TTA), or None
+
+
+def version_spec(value) -> VersionSpec:
+    """A version's value in models.yaml -> its VersionSpec."""
     spec = {"format": value} if isinstance(value, str) else dict(value)
-    unknown = set(spec) - {"format", "load"}
-    if unknown or spec.get("format") not in FORMATS:
+    unknown = set(spec) - {"format", "load", "tta"}
+    if unknown or spec.get("format") not in FORMATS or spec.get("tta", None) not in (None, *TTA):
         raise ValueError(f"bad version entry {value!r} in models.yaml: expected a format ({', '.join(FORMATS)}) "
-                         "or {format: <format>, load: false}")
-    return spec["format"], bool(spec.get("load", True))
+                         f"or {{format: <format>, load: false, tta: <{'|'.join(TTA)}>}}")
+    return VersionSpec(spec["format"], bool(spec.get("load", True)), spec.get("tta"))
 
 
-def model_config(settings: dict, model: str, fmt: str) -> dict:
+def model_config(settings: dict, model: str, spec: VersionSpec) -> dict:
     dataset = dataset_of(model)
-    handler = dict(settings["defaults"]["handler"], format=fmt, classes=list(CLASSES[dataset]),
+    handler = dict(settings["defaults"]["handler"], format=spec.format, classes=list(CLASSES[dataset]),
                    mean=list(MEAN[dataset]), std=list(STD[dataset]), temperature=temperature(model))
+    if spec.tta:
+        handler["tta"] = spec.tta
     return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
 
 
@@ -104,24 +114,26 @@ class BuildFailed(RuntimeError):
     pass
 
 
-def admission(model: str, fmt: str, data_dir) -> tuple[dict | None, str | None]:
-    """(validation record, None) when `fmt` of `model` may be archived, else (None, why not)."""
+def admission(model: str, spec: VersionSpec, data_dir) -> tuple[dict | None, str | None]:
+    """(validation record, None) when this version of `model` may be archived, else (None, why not)."""
+    fmt = spec.format
     try:
         validate.check_available(fmt)
-        if fmt in BUILDERS and not is_built(model, fmt):  # missing, or built with an older recipe or weights
-            build_isolated(model, fmt, data_dir)
-        record = validate.ensure_validated(model, fmt, data_dir)
+        built = built_format(fmt)  # openvino_int8 runs onnx_int8's file
+        if built in BUILDERS and not is_built(model, built):  # missing, or built with an older recipe or weights
+            build_isolated(model, built, data_dir)
+        record = validate.ensure_validated(model, fmt, data_dir, spec.tta)
     except (validate.FormatUnavailable, validate.NoMatchingRecord, BuildFailed, FileNotFoundError) as e:
         return None, str(e)
     return (record, None) if record["passed"] else (None, record["reason"])
 
 
-def build_archive(settings: dict, model: str, version: str, fmt: str, load: bool, record: dict) -> dict:
-    serialized = serialized_path(model, fmt)
+def build_archive(settings: dict, model: str, version: str, spec: VersionSpec, record: dict) -> dict:
+    serialized = serialized_path(model, spec.format)
     entry = settings["models"][model]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model-config.yaml"
-        config.write_text(yaml.safe_dump(model_config(settings, model, fmt), sort_keys=False))
+        config.write_text(yaml.safe_dump(model_config(settings, model, spec), sort_keys=False))
         subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
                         "--model-name", model, "--version", version, "--serialized-file", str(serialized),
                         "--handler", str(HANDLERS / entry["handler"]),
@@ -129,8 +141,9 @@ def build_archive(settings: dict, model: str, version: str, fmt: str, load: bool
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{model}.mar", STORE / archive_name(model, version))
     weights = WEIGHTS_DIR / f"{model}.pt"
-    return dict(model=model, version=version, format=fmt, precision=FORMATS[fmt].precision,
-                archive=archive_name(model, version), default=version == entry["default"], load_at_start=load,
+    return dict(model=model, version=version, format=spec.format, tta=spec.tta,
+                precision=FORMATS[spec.format].precision, archive=archive_name(model, version),
+                default=version == entry["default"], load_at_start=spec.load,
                 weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
                 test_accuracy=record["accuracy"], fp32_test_accuracy=record["fp32_accuracy"],
                 accuracy_delta_points=record["accuracy_delta_points"], top1_agreement=record["top1_agreement"],
@@ -150,17 +163,19 @@ def main(args):
             print(f"skip {model}: no export in {EXPORT_DIR / model} (no shipped weights yet?)")
             continue
         for version, value in settings["models"][model]["versions"].items():
-            fmt, load = version_spec(value)
+            spec = version_spec(value)
+            variant = validate.record_key(spec.format, spec.tta)
             manifest = [m for m in manifest if (m["model"], m["version"]) != (model, version)]
-            record, refused = admission(model, fmt, args.data_dir)
+            record, refused = admission(model, spec, args.data_dir)
             if refused:
                 (STORE / archive_name(model, version)).unlink(missing_ok=True)  # never serve a stale archive
                 verdict = "refused" if refused.startswith("loses") else "skipped"  # failed, or not checkable here
-                print(f"{verdict} {model} {version} ({fmt}): {refused}", file=sys.stderr)
+                print(f"{verdict} {model} {version} ({variant}): {refused}", file=sys.stderr)
                 continue
-            manifest.append(build_archive(settings, model, version, fmt, load, record))
-            print(f"archived {archive_name(model, version)} ({fmt}: {100 * record['accuracy']:.2f}%, "
-                  f"{record['accuracy_delta_points']:+.2f} points vs fp32){'' if load else ', not loaded at start'}")
+            manifest.append(build_archive(settings, model, version, spec, record))
+            print(f"archived {archive_name(model, version)} ({variant}: {100 * record['accuracy']:.2f}%, "
+                  f"{record['accuracy_delta_points']:+.2f} points vs fp32)"
+                  f"{'' if spec.load else ', not loaded at start'}")
     manifest_path.write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
     summarize(settings, models, manifest)
 
@@ -175,7 +190,7 @@ def summarize(settings: dict, models: list[str], manifest: list[dict]):
         if not archived:
             empty.append(model)
         elif entry["default"] not in archived:
-            started = [v for v in archived if version_spec(entry["versions"][v])[1]] or archived
+            started = [v for v in archived if version_spec(entry["versions"][v]).load] or archived
             print(f"note: {model}'s default version {entry['default']} is not archived here; TorchServe serves "
                   f"{started[0]} as its default", file=sys.stderr)
     if empty:

@@ -14,6 +14,9 @@ handler reads from model-config (`format`) to pick its runtime in handlers/runti
   * tensorrt_fp16: an fp16 ONNX graph with fp32 inputs/outputs (what TensorRT 11's strongly typed
     networks need; 10.x accepts it too). The engine is built from it on the GPU it will run on, by
     TensorRTRuntime (handlers/runtimes.py) when it is first loaded there, never here.
+  * openvino_bf16, openvino_int8: no file of their own: OpenVINO (OpenVinoRuntime) compiles model.onnx
+    or model_int8.onnx when the worker loads it, with bf16 inference precision where the CPU has bf16
+    arithmetic (AMX, AVX-512 BF16; f32 elsewhere) and the INT8 file's Q/DQ pairs as int8 kernels.
 Files land in optimize/exported/<model>/ beside model.pt and model.onnx, each with the recipe it was
 built with (<file>.recipe.json), so a changed recipe rebuilds it.
 """
@@ -54,6 +57,9 @@ FP16_ONNX_RECIPE = {"weights": "float16", "io": "float32", "export": "torch.onnx
 # Export.py's formats; recorded so a validation record names what it certified.
 FP32_RECIPES = {"torchscript": {"export": "torch.jit.trace + freeze"},
                 "onnx": {"export": "torch.onnx dynamo", "runtime": "ORT_ENABLE_ALL"}}
+# OpenVINO runs the ONNX files above (handlers/runtimes.py OpenVinoRuntime: these settings).
+OPENVINO_RECIPE = {"runtime": "openvino CPU", "inference_precision": "bf16 where the CPU has it, else f32",
+                   "streams": 1, "performance_hint": "LATENCY"}
 
 
 @dataclasses.dataclass
@@ -62,6 +68,7 @@ class Format:
     precision: str  # arithmetic of the convolutions and matmuls: fp32, bf16, int8 or fp16
     device: str  # "cpu" or "cuda": where it can be validated and served
     recipe: dict  # what shapes the file; a validation record holds for these weights and this recipe only
+    source: str | None = None  # the format whose file this one runs with another runtime (built for it)
 
 
 FORMATS = {
@@ -70,6 +77,9 @@ FORMATS = {
     "torchscript_bf16": Format("model_bf16.pt", "bf16", "cpu", BF16_RECIPE),
     "onnx_int8": Format("model_int8.onnx", "int8", "cpu", INT8_RECIPE),
     "tensorrt_fp16": Format("model_fp16.onnx", "fp16", "cuda", FP16_ONNX_RECIPE),
+    "openvino_bf16": Format("model.onnx", "bf16", "cpu", OPENVINO_RECIPE | {"file": "onnx"}, source="onnx"),
+    "openvino_int8": Format("model_int8.onnx", "int8", "cpu", OPENVINO_RECIPE | {"file": "onnx_int8"},
+                            source="onnx_int8"),
 }
 
 
@@ -209,9 +219,15 @@ def calibration_key(model: str) -> dict:
     return built_with(model, "onnx_int8")
 
 
+def built_format(fmt: str) -> str:
+    """The format whose file `fmt` serves: itself, or its source (openvino_int8 -> onnx_int8)."""
+    return FORMATS[fmt].source or fmt
+
+
 def is_built(model: str, fmt: str) -> bool:
     """Whether the file exists and, for the formats built here, was built from the current weights
     with the current recipe."""
+    fmt = built_format(fmt)
     if fmt not in BUILDERS:
         return serialized_path(model, fmt).exists()
     return recipe_path(model, fmt).exists() and json.loads(recipe_path(model, fmt).read_text()) == built_with(model, fmt)

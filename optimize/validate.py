@@ -27,7 +27,7 @@ import onnxruntime
 import torch
 from tqdm import tqdm
 
-from handlers.runtimes import load_runtime
+from handlers.runtimes import TTA, load_runtime
 from optimize.formats import FORMATS, serialized_path, weights_sha256
 from training.data import DEFAULT_DATA_DIR, DataMissing, data_dir_arg, has_dataset, load_split, normalize
 from training.models import MODELS, dataset_of, load_weights
@@ -82,6 +82,8 @@ def fp32_reference(model: str, data_dir: str) -> np.ndarray:
 
 
 def check_available(fmt: str):
+    if fmt.startswith("openvino") and importlib.util.find_spec("openvino") is None:
+        raise FormatUnavailable(f"{fmt} needs OpenVINO (`pip install openvino`, pinned in requirements.txt)")
     if FORMATS[fmt].device == "cuda":
         if importlib.util.find_spec("tensorrt") is None:
             raise FormatUnavailable(f"{fmt} needs TensorRT, which is not installed here")
@@ -95,8 +97,14 @@ def judge(delta_points: float) -> tuple[bool, str]:
     return True, f"within {MAX_ACCURACY_LOSS} points of fp32"
 
 
-def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count()) -> dict:
-    """Run `fmt` of `model` on the whole test split through its serving runtime -> a validation record."""
+def record_key(fmt: str, tta: str | None = None) -> str:
+    """A served variant's name in the records: the format, or format+tta (`onnx_int8+flip`)."""
+    return f"{fmt}+{tta}" if tta else fmt
+
+
+def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(), tta: str | None = None) -> dict:
+    """Run `fmt` of `model` (with test-time augmentation `tta`, as the handler would) on the whole test
+    split through its serving runtime -> a validation record."""
     check_available(fmt)
     path = serialized_path(model, fmt)
     if not path.exists():
@@ -105,13 +113,14 @@ def validate_format(model: str, fmt: str, data_dir, threads: int = os.cpu_count(
     images, labels = test_split(model, str(data_dir))
     reference_logits = fp32_reference(model, str(data_dir))
     start = time.time()
-    format_logits = logits(load_runtime(fmt, str(path), threads), images, f"{model} {fmt}")
+    format_logits = logits(load_runtime(fmt, str(path), threads, tta), images, f"{model} {record_key(fmt, tta)}")
     predicted, reference = format_logits.argmax(1), reference_logits.argmax(1)
     accuracy, fp32_accuracy = float((predicted == labels).mean()), float((reference == labels).mean())
     delta = 100 * (accuracy - fp32_accuracy)
     passed, reason = judge(delta)
     return {
-        "format": fmt, "precision": FORMATS[fmt].precision, "file": path.name, "file_bytes": path.stat().st_size,
+        "format": fmt, "tta": tta, "precision": FORMATS[fmt].precision,
+        "file": path.name, "file_bytes": path.stat().st_size,
         "file_sha256": file_sha256(path),
         "test_images": len(labels), "accuracy": accuracy, "fp32_accuracy": fp32_accuracy,
         "accuracy_delta_points": round(delta, 4),
@@ -165,22 +174,23 @@ def is_current(record: dict | None, model: str, fmt: str) -> bool:
 
 def save_record(model: str, record: dict):
     records = load_records(model)
-    records["formats"][record["format"]] = record
-    records["formats"] = {f: records["formats"][f] for f in FORMATS if f in records["formats"]}
+    records["formats"][record_key(record["format"], record.get("tta"))] = record
+    order = [record_key(f, t) for f in FORMATS for t in (None, *TTA)]
+    records["formats"] = {k: records["formats"][k] for k in order if k in records["formats"]}
     records_path(model).write_text(json.dumps(records, indent=1) + "\n")
     records_path(model).with_suffix(".md").write_text(format_card(records))
 
 
-def ensure_validated(model: str, fmt: str, data_dir) -> dict:
+def ensure_validated(model: str, fmt: str, data_dir, tta: str | None = None) -> dict:
     """The stored record when it is current, else a fresh validation (saved). Raises FormatUnavailable,
     or NoMatchingRecord when the record is stale and the test split is not in data_dir."""
-    record = load_records(model)["formats"].get(fmt)
+    record = load_records(model)["formats"].get(record_key(fmt, tta))
     why = mismatch(record, model, fmt)
     if why is None:
         return record
     if not has_dataset(dataset_of(model), data_dir):
         raise NoMatchingRecord(f"{why} and the {dataset_of(model)} test split is not in {data_dir} to validate it")
-    record = validate_format(model, fmt, data_dir)
+    record = validate_format(model, fmt, data_dir, tta=tta)
     save_record(model, record)
     return record
 
@@ -199,7 +209,8 @@ def format_card(records: dict) -> str:
                   f"first {AGREEMENT_IMAGES:,} images (all) | max abs logit difference | archivable | validated | "
                   "measured with |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['precision']} | {r['file']} ({r['file_bytes'] / 1e6:.2f} MB) | "
+        tta = " + flip TTA (2 passes)" if r.get("tta") == "flip" else ""
+        lines.append(f"| {r['format']}{tta} | {r['precision']} | {r['file']} ({r['file_bytes'] / 1e6:.2f} MB) | "
                      f"{100 * r['accuracy']:.2f}% | {r['accuracy_delta_points']:+.2f} | "
                      f"{100 * r['top1_agreement']:.1f}% ({100 * r['top1_agreement_full_split']:.2f}%) | "
                      f"{r['max_abs_logit_difference']:.2g} | {'yes' if r['passed'] else 'no: ' + r['reason']} | "

@@ -72,7 +72,7 @@ def startup_models(store: Path = STORE) -> list[str]:
     for model, entry in settings["models"].items():
         versions = sorted(entry["versions"], key=lambda v: v != entry["default"])
         archived = [v for v in versions if (store / archive_name(model, v)).exists()]
-        started = [v for v in archived if version_spec(entry["versions"][v])[1]] or archived[:1]
+        started = [v for v in archived if version_spec(entry["versions"][v]).load] or archived[:1]
         models += [f"{model}={archive_name(model, v)}" for v in started]
     return models
 

@@ -88,7 +88,7 @@ def test_committed_calibration_matches_the_committed_weights(model):
 
 def test_model_config_carries_the_committed_temperature():
     committed = json.loads((WEIGHTS_DIR / f"{MODEL}_calibration.json").read_text())["temperature"]
-    config = archive.model_config(archive.load_settings(), MODEL, "onnx")
+    config = archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))
     assert config["handler"]["temperature"] == committed != 1.0
 
 
@@ -98,7 +98,7 @@ def test_the_archive_ships_the_temperature_in_its_model_config(tmp_path, monkeyp
         pytest.skip("no TorchScript export here (make export)")
     monkeypatch.setattr(archive, "STORE", tmp_path)
     record = validate.load_records(MODEL)["formats"]["torchscript"]
-    archive.build_archive(archive.load_settings(), MODEL, "9.9", "torchscript", False, record)
+    archive.build_archive(archive.load_settings(), MODEL, "9.9", archive.VersionSpec("torchscript", False, None), record)
     with zipfile.ZipFile(tmp_path / archive.archive_name(MODEL, "9.9")) as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config["handler"]["temperature"] == archive.temperature(MODEL)
@@ -115,12 +115,12 @@ def weights_beside(tmp_path, monkeypatch, weights: bytes, calibration: bool = Tr
 def test_calibration_of_other_weights_stops_the_build_and_names_the_fix(tmp_path, monkeypatch):
     weights_beside(tmp_path, monkeypatch, b"re-trained weights")
     with pytest.raises(SystemExit, match=f"other weights .*python -m training.calibrate --model {MODEL}"):
-        archive.model_config(archive.load_settings(), MODEL, "onnx")
+        archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))
 
 
 def test_a_model_without_calibration_is_served_at_temperature_one_with_a_note(tmp_path, monkeypatch, capsys):
     weights_beside(tmp_path, monkeypatch, (WEIGHTS_DIR / f"{MODEL}.pt").read_bytes(), calibration=False)
-    assert archive.model_config(archive.load_settings(), MODEL, "onnx")["handler"]["temperature"] == 1.0
+    assert archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))["handler"]["temperature"] == 1.0
     assert f"python -m training.calibrate --model {MODEL}" in capsys.readouterr().err
 
 

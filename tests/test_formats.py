@@ -29,7 +29,7 @@ def test_only_versions_without_load_false_start_and_defaults_come_first():
     assert started == ["mnist_lenet5=mnist_lenet5_v1.0.mar", "mnist_lenet5=mnist_lenet5_v1.1.mar",
                        "mnist_alexnet=mnist_alexnet_v1.0.mar",
                        "cifar10_resnet18=cifar10_resnet18_v1.3.mar", "cifar10_resnet18=cifar10_resnet18_v1.0.mar"]
-    for bad in ({"format": "onnx", "serve": False}, "onnx_int4", {"load": False}):
+    for bad in ({"format": "onnx", "serve": False}, "onnx_int4", {"load": False}, {"format": "onnx", "tta": "rotate"}):
         with pytest.raises(ValueError, match="bad version entry"):
             archive.version_spec(bad)
 
@@ -77,7 +77,8 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
     assert not (store / archive.archive_name(MODEL, "1.3")).exists()
     assert (store / archive.archive_name(MODEL, "1.2")).exists()
     archived = {m["version"] for m in json.loads((store / "manifest.json").read_text())}
-    assert archived == {"1.0", "1.1", "1.2"}
+    assert f"refused {MODEL} 1.5 (openvino_int8): loses" in err  # OpenVINO runs the same INT8 file
+    assert archived == {"1.0", "1.1", "1.2", "1.4"}
     record = json.loads((weights / f"{MODEL}_formats.json").read_text())["formats"]["onnx_int8"]
     assert not record["passed"] and record["accuracy_delta_points"] < -validate.MAX_ACCURACY_LOSS
     assert "| onnx_int8 | int8 |" in (weights / f"{MODEL}_formats.md").read_text()
@@ -111,7 +112,8 @@ def test_quick_benchmark_writes_table_chart_and_peak_fractions(tmp_path):
     result = json.loads((tmp_path / "bench_formats.json").read_text())
     assert result["meta"]["flops"][MODEL] == LENET5_FLOPS
     cells = {(r["format"], r["batch"]) for r in result["rows"]}
-    assert cells == {(f, b) for f in ("torchscript", "onnx", *REDUCED) for b in bench_formats.BATCH_SIZES}
+    served_cpu_formats = ("torchscript", "onnx", *REDUCED, "openvino_bf16", "openvino_int8")
+    assert cells == {(f, b) for f in served_cpu_formats for b in bench_formats.BATCH_SIZES}
     for row in result["rows"]:
         assert row["min_s"] <= row["median_s"] <= row["max_s"]
         assert 0 < row["peak_fraction"] < 1
@@ -130,3 +132,12 @@ def test_peaks_follow_the_cpu_flags_amx_included():
     assert amx["fp32"] == avx512["fp32"]
     assert amx["bf16"][0] == 2 * 3.0 * 2048 and amx["int8"][0] == 2 * 3.0 * 4096
     assert "AMX TDPBF16PS" in amx["bf16"][1]
+
+
+def test_every_format_has_a_runtime_and_a_way_to_be_built():
+    from handlers.runtimes import RUNTIMES
+    assert set(RUNTIMES) == set(formats.FORMATS)
+    for fmt in formats.FORMATS:
+        built = formats.built_format(fmt)
+        assert built in formats.BUILDERS or built in formats.FP32_RECIPES, fmt  # FP32: optimize.export
+        assert formats.FORMATS[built].filename == formats.FORMATS[fmt].filename, fmt

@@ -17,7 +17,7 @@ from ts.context import Context, RequestProcessor
 from digit_handler import DigitHandler
 from drawing import draw_digit, png_bytes
 from image_handler import ImageHandler
-from model_store.archive import load_settings, model_config
+from model_store.archive import load_settings, model_config, version_spec
 from optimize.export import EXPORT_DIR
 from serving import server
 from serving.client import ServeError
@@ -35,7 +35,7 @@ def loaded(handler_class, model: str):
     shipped(model)
     if not (EXPORT_DIR / model / "model.pt").exists():
         pytest.fail(f"{model} is not exported: `make test` exports it")
-    config = model_config(load_settings(), model, "torchscript")["handler"]
+    config = model_config(load_settings(), model, version_spec("torchscript"))["handler"]
     handler = handler_class()
     handler.initialize(make_context(model, config))
     handler.log = None  # in-process: no prediction log

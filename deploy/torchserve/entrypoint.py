@@ -9,11 +9,19 @@
     TS_GRPC_MANAGEMENT_PORT   (8080, 8081, 8082, 7070, 7071)
     TS_TOKEN_AUTH       on (default: TorchServe's own random keys in ~/key_file.json) or off (behind a
                         proxy that checks the keys, on a private network: deploy/compose.yaml)
+    TS_JAVA_HEAP        the frontend's fixed Java heap (1g; the container's memory limit needs ~1.5x it
+                        for the frontend, plus the workers)
     PREDICTION_LOG_URL and the other PREDICTION_LOG_* variables reach the handlers unchanged
                         (handlers/prediction_log.py; default here: off).
 
     python3 entrypoint.py              # start TorchServe; SIGTERM stops it cleanly
     python3 entrypoint.py healthcheck  # exit 0 when /ping answers Healthy (the image's HEALTHCHECK)
+    python3 entrypoint.py live         # exit 0 when the frontend answers /ping at all, whatever the
+                                       # workers do (Kubernetes' liveness: TorchServe restarts a
+                                       # crashed worker itself, so a restarting one is no reason to
+                                       # restart the container and every model with it)
+    python3 entrypoint.py ready        # exit 0 when /ping answers Healthy AND every loaded version
+                                       # has a READY worker (Kubernetes' readiness: deploy/k8s/)
 """
 import json
 import os
@@ -31,7 +39,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 DEFAULTS = {"TS_MODEL_STORE": "/models", "TS_BIND": "127.0.0.1", "TS_INFERENCE_PORT": "8080",
             "TS_MANAGEMENT_PORT": "8081", "TS_METRICS_PORT": "8082", "TS_GRPC_INFERENCE_PORT": "7070",
-            "TS_GRPC_MANAGEMENT_PORT": "7071", "TS_TOKEN_AUTH": "on"}
+            "TS_GRPC_MANAGEMENT_PORT": "7071", "TS_TOKEN_AUTH": "on", "TS_JAVA_HEAP": "1g"}
 
 
 def setting(name: str) -> str:
@@ -86,22 +94,65 @@ def write_config(path: Path) -> Path:
     return path
 
 
-def healthcheck() -> int:
-    url = f"http://127.0.0.1:{setting('TS_INFERENCE_PORT')}/ping"
+def _get(api: str, path: str):
+    """GET a TorchServe API on this container's loopback, with TorchServe's own key when it made one."""
+    port = setting("TS_INFERENCE_PORT" if api == "inference" else "TS_MANAGEMENT_PORT")
     headers = {}
     key_file = Path.home() / "key_file.json"
     if setting("TS_TOKEN_AUTH") == "on" and key_file.exists():
-        headers["Authorization"] = "Bearer " + json.loads(key_file.read_text())["inference"]["key"]
+        headers["Authorization"] = "Bearer " + json.loads(key_file.read_text())[api]["key"]
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+    with urllib.request.urlopen(request, timeout=4) as response:
+        return json.load(response)
+
+
+def ping_status() -> str | None:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
-            return 0 if json.load(response).get("status") == "Healthy" else 1
-    except (urllib.error.URLError, OSError, ValueError):
+        return _get("inference", "/ping").get("status")
+    except (urllib.error.URLError, OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def healthcheck() -> int:
+    return 0 if ping_status() == "Healthy" else 1
+
+
+def live() -> int:
+    return 0 if ping_status() is not None else 1
+
+
+def not_ready() -> list[str]:
+    """The loaded versions without a READY worker (TorchServe's /ping counts only default versions)."""
+    found = []
+    models = _get("management", "/models?limit=1000").get("models", [])
+    if not models:
+        return ["no model is loaded"]
+    for model in models:
+        for version in _get("management", f"/models/{model['modelName']}/all"):
+            if not any(w.get("status") == "READY" for w in version.get("workers", [])):
+                found.append(f"{version['modelName']} {version['modelVersion']}")
+    return found
+
+
+def ready() -> int:
+    status = ping_status()
+    if status != "Healthy":
+        print(f"/ping: {status or 'no answer'}")
         return 1
+    try:
+        waiting = not_ready()
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        print(f"management API: {e}")
+        return 1
+    if waiting:
+        print(f"no READY worker: {', '.join(waiting)}")
+    return 1 if waiting else 0
 
 
 def main() -> int:
-    if sys.argv[1:] == ["healthcheck"]:
-        return healthcheck()
+    checks = {"healthcheck": healthcheck, "live": live, "ready": ready}
+    if len(sys.argv) == 2 and sys.argv[1] in checks:
+        return checks[sys.argv[1]]()
     store = Path(setting("TS_MODEL_STORE"))
     models = [m.strip() for m in os.environ.get("TS_MODELS", "").split(",") if m.strip()] or startup_models(store)
     if os.environ.get("TS_WORKERS", "").strip():

@@ -102,7 +102,10 @@ clean: stop
 
 # Serving formats (optimize/formats.py): `make archive` builds and validates every format models.yaml
 # lists; these measure them in-process (results/formats/). The quick run is the CI smoke run's size.
-.PHONY: bench-formats bench-formats-quick
+.PHONY: bench-formats bench-formats-quick tune
+tune: archive  # the fastest archived version per model on this CPU, as a worker runs it: results/tune.md
+	$(PY) -m optimize.tune
+
 bench-formats: archive
 	$(PY) -m optimize.bench_formats
 

@@ -27,7 +27,7 @@ def test_every_version_is_archived_from_the_committed_records_without_data(tmp_p
     assert set(archived) == set(archive.load_settings()["models"][MODEL]["versions"])
     records = validate.load_records(MODEL)["formats"]
     for entry in archived.values():
-        assert entry["test_accuracy"] == records[entry["format"]]["accuracy"]
+        assert entry["test_accuracy"] == records[validate.record_key(entry["format"], entry["tta"])]["accuracy"]
 
 
 def test_int8_built_from_the_committed_ranges_is_the_validated_file(tmp_path, monkeypatch):

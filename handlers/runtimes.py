@@ -32,6 +32,18 @@ class TorchScriptRuntime:
             return self.model(torch.from_numpy(batch)).float().numpy()
 
 
+class AotiRuntime:
+    """An AOTInductor package (.pt2): C++ kernels compiled ahead of time for the CPU it was built on."""
+
+    def __init__(self, path, threads):
+        torch.set_num_threads(threads)
+        self.model = torch._inductor.aoti_load_package(path)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch))).float().numpy()
+
+
 class OnnxRuntime:
     def __init__(self, path, threads):
         import onnxruntime as ort  # only archives holding an ONNX model need it
@@ -164,6 +176,7 @@ RUNTIMES = {
     "onnx": OnnxRuntime,
     "onnx_int8": OnnxRuntime,
     "tensorrt_fp16": TensorRTRuntime,
+    "aoti": AotiRuntime,
     "openvino_bf16": OpenVinoRuntime,
     "openvino_int8": OpenVinoRuntime,
 }

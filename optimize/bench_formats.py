@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from handlers.runtimes import load_runtime
 from optimize.export import EXPORT_DIR
-from optimize.formats import FORMATS, serialized_path
+from optimize.formats import FORMATS, cpu_flags, serialized_path
 from optimize.validate import load_records
 from training.data import INPUT_SHAPE
 from training.models import MODELS, build_model, dataset_of
@@ -56,13 +56,6 @@ OPS_PER_FP32_LANE = {
     "bf16": (4, "avx512_bf16", "VDPBF16PS: two bf16 products + accumulate"),
     "int8": (8, "avx512_vnni", "VPDPBUSD: four u8 x s8 products + accumulate"),
 }
-
-
-def cpu_flags() -> set:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 # The clock a busy core really runs at: a chain of dependent 64-bit multiplies, 3 cycles each (AMD Zen 1-5,

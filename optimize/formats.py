@@ -14,6 +14,10 @@ handler reads from model-config (`format`) to pick its runtime in handlers/runti
   * tensorrt_fp16: an fp16 ONNX graph with fp32 inputs/outputs (what TensorRT 11's strongly typed
     networks need; 10.x accepts it too). The engine is built from it on the GPU it will run on, by
     TensorRTRuntime (handlers/runtimes.py) when it is first loaded there, never here.
+  * aoti: torch.export with a dynamic batch dimension (1..AOTI_MAX_BATCH), compiled ahead of time by
+    AOTInductor (freezing on: weights become constants) into a .pt2 package of C++ kernels for this
+    CPU's instruction set, checked against eager PyTorch when built. The successor of TorchScript,
+    which torch 2.14 deprecates; its compiled code is specific to the CPU flags it was built on.
   * openvino_bf16, openvino_int8: no file of their own: OpenVINO (OpenVinoRuntime) compiles model.onnx
     or model_int8.onnx when the worker loads it, with bf16 inference precision where the CPU has bf16
     arithmetic (AMX, AVX-512 BF16; f32 elsewhere) and the INT8 file's Q/DQ pairs as int8 kernels.
@@ -57,6 +61,27 @@ FP16_ONNX_RECIPE = {"weights": "float16", "io": "float32", "export": "torch.onnx
 # Export.py's formats; recorded so a validation record names what it certified.
 FP32_RECIPES = {"torchscript": {"export": "torch.jit.trace + freeze"},
                 "onnx": {"export": "torch.onnx dynamo", "runtime": "ORT_ENABLE_ALL"}}
+def cpu_flags() -> set:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+# The CPU flags that decide which kernels are fast (and which a compiled package may use): vector
+# width, bf16 and int8 dot products, AMX tiles.
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa() -> list[str]:
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+AOTI_MAX_BATCH = 256  # the largest batch the compiled package accepts (validation runs 250 at a time)
+AOTI_RECIPE = {"export": f"torch.export, dynamic batch 1..{AOTI_MAX_BATCH}", "compile": "AOTInductor, freezing",
+               "torch": torch.__version__, "cpu_isa": cpu_isa()}  # its kernels are compiled for these flags
+AOTI_PARITY = 1e-3  # max |logit difference| against eager fp32 on random inputs, as optimize/export.py checks
 # OpenVINO runs the ONNX files above (handlers/runtimes.py OpenVinoRuntime: these settings).
 OPENVINO_RECIPE = {"runtime": "openvino CPU", "inference_precision": "bf16 where the CPU has it, else f32",
                    "streams": 1, "performance_hint": "LATENCY"}
@@ -77,6 +102,7 @@ FORMATS = {
     "torchscript_bf16": Format("model_bf16.pt", "bf16", "cpu", BF16_RECIPE),
     "onnx_int8": Format("model_int8.onnx", "int8", "cpu", INT8_RECIPE),
     "tensorrt_fp16": Format("model_fp16.onnx", "fp16", "cuda", FP16_ONNX_RECIPE),
+    "aoti": Format("model.pt2", "fp32", "cpu", AOTI_RECIPE),
     "openvino_bf16": Format("model.onnx", "bf16", "cpu", OPENVINO_RECIPE | {"file": "onnx"}, source="onnx"),
     "openvino_int8": Format("model_int8.onnx", "int8", "cpu", OPENVINO_RECIPE | {"file": "onnx_int8"},
                             source="onnx_int8"),
@@ -184,9 +210,25 @@ def build_onnx_fp16(model: str, out: Path, data_dir):
     export_onnx(wrapped, example_batch(model), out / FORMATS["tensorrt_fp16"].filename)
 
 
+def build_aoti(model: str, out: Path, data_dir):
+    net = load_weights(model, WEIGHTS_DIR / f"{model}.pt").eval()
+    batch = torch.export.Dim("batch", min=1, max=AOTI_MAX_BATCH)
+    with torch.no_grad():
+        program = torch.export.export(net, (example_batch(model),), dynamic_shapes=({0: batch},))
+        path = torch._inductor.aoti_compile_and_package(program, package_path=str(out / FORMATS["aoti"].filename),
+                                                        inductor_configs={"freezing": True})
+    compiled = torch._inductor.aoti_load_package(path)
+    images = torch.randn(5, *INPUT_SHAPE[dataset_of(model)], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        difference = (compiled(images) - net(images)).abs().max().item()
+    if difference > AOTI_PARITY:
+        Path(path).unlink()
+        raise RuntimeError(f"AOTInductor package differs from eager PyTorch by {difference:.2g} (limit {AOTI_PARITY})")
+
+
 # Formats built here; torchscript and onnx come from optimize.export.
 BUILDERS = {"torchscript_bf16": build_torchscript_bf16, "onnx_int8": build_onnx_int8,
-            "tensorrt_fp16": build_onnx_fp16}
+            "tensorrt_fp16": build_onnx_fp16, "aoti": build_aoti}
 
 
 def serialized_path(model: str, fmt: str) -> Path:

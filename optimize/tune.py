@@ -24,21 +24,16 @@ from tqdm import tqdm
 
 from handlers.runtimes import load_runtime
 from model_store.archive import STORE, load_settings, model_config, version_spec
-from optimize.bench_formats import FULL, QUICK, cpu_flags, measure
-from optimize.formats import FORMATS, serialized_path
+from optimize.bench_formats import FULL, QUICK, measure
+from optimize.formats import FORMATS, ISA_FLAGS, cpu_isa, serialized_path
 from training.data import INPUT_SHAPE
 from training.models import dataset_of
 from training.train import cpu_name
 
 TUNED = STORE / "tuned.json"
 REPORT = Path("results/tune.md")
-# The flags that decide which arithmetic is fast: vector width, bf16 and int8 dot products, AMX tiles.
-RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def machine() -> dict:
-    flags = cpu_flags()
-    return {"cpu": cpu_name(), "flags": [f for f in RELEVANT_FLAGS if f in flags]}
+    return {"cpu": cpu_name(), "flags": cpu_isa()}
 
 
 def served_shape(settings: dict, model: str) -> tuple[int, int]:
@@ -75,7 +70,7 @@ def tune_model(settings: dict, model: str, versions: list[dict], protocol: dict)
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Fastest version per model on this machine ({result['measured']})", "",
-             f"{m['cpu']}; flags: {', '.join(m['flags']) or 'none of ' + ', '.join(RELEVANT_FLAGS)}. In-process, "
+             f"{m['cpu']}; flags: {', '.join(m['flags']) or 'none of ' + ', '.join(ISA_FLAGS)}. In-process, "
              "each version's serving runtime at the worker's batch size and threads (models.yaml), median of "
              f"{result['protocol']['repeats']} repeats. Written by `python -m optimize.tune`.", "",
              "| model | version | format | images/s per worker | test accuracy | |", "|---|---|---|---|---|---|"]

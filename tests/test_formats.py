@@ -14,7 +14,8 @@ from serving import server
 from tests.conftest import DATA_DIR, start_torchserve
 
 MODEL = "mnist_lenet5"
-REDUCED = {"torchscript_bf16": "1.2", "onnx_int8": "1.3"}  # lenet5's reduced-precision versions in models.yaml
+# lenet5's versions beyond fp32 TorchScript/ONNX in models.yaml, all `load: false`
+REDUCED = {"torchscript_bf16": "1.2", "onnx_int8": "1.3", "openvino_bf16": "1.4", "openvino_int8": "1.5", "aoti": "1.6"}
 LENET5_FLOPS = 2 * (6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10)  # by hand, per image
 
 
@@ -78,7 +79,7 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
     assert (store / archive.archive_name(MODEL, "1.2")).exists()
     archived = {m["version"] for m in json.loads((store / "manifest.json").read_text())}
     assert f"refused {MODEL} 1.5 (openvino_int8): loses" in err  # OpenVINO runs the same INT8 file
-    assert archived == {"1.0", "1.1", "1.2", "1.4"}
+    assert archived == {"1.0", "1.1", "1.2", "1.4", "1.6"}
     record = json.loads((weights / f"{MODEL}_formats.json").read_text())["formats"]["onnx_int8"]
     assert not record["passed"] and record["accuracy_delta_points"] < -validate.MAX_ACCURACY_LOSS
     assert "| onnx_int8 | int8 |" in (weights / f"{MODEL}_formats.md").read_text()
@@ -86,10 +87,11 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
 
 @pytest.fixture(scope="module")
 def reduced_precision_server(tmp_path_factory):
-    """fp32 1.0 and bf16 1.2 loaded at start; INT8 1.3 is registered on demand, as `load: false` intends."""
+    """fp32 1.0 and bf16 1.2 loaded at start; the others are registered on demand, as `load: false` intends."""
     run_dir = tmp_path_factory.mktemp("formats")
     client = start_torchserve(run_dir, models=[f"{MODEL}={archive.archive_name(MODEL, v)}" for v in ("1.0", "1.2")])
-    client.register(archive.archive_name(MODEL, REDUCED["onnx_int8"]))
+    for version in set(REDUCED.values()) - {"1.2"}:
+        client.register(archive.archive_name(MODEL, version))
     yield client
     server.stop(run_dir)
 
@@ -112,7 +114,7 @@ def test_quick_benchmark_writes_table_chart_and_peak_fractions(tmp_path):
     result = json.loads((tmp_path / "bench_formats.json").read_text())
     assert result["meta"]["flops"][MODEL] == LENET5_FLOPS
     cells = {(r["format"], r["batch"]) for r in result["rows"]}
-    served_cpu_formats = ("torchscript", "onnx", *REDUCED, "openvino_bf16", "openvino_int8")
+    served_cpu_formats = ("torchscript", "onnx", *REDUCED)
     assert cells == {(f, b) for f in served_cpu_formats for b in bench_formats.BATCH_SIZES}
     for row in result["rows"]:
         assert row["min_s"] <= row["median_s"] <= row["max_s"]

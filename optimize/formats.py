@@ -94,6 +94,11 @@ class Format:
     device: str  # "cpu" or "cuda": where it can be validated and served
     recipe: dict  # what shapes the file; a validation record holds for these weights and this recipe only
     source: str | None = None  # the format whose file this one runs with another runtime (built for it)
+    # Whether a rebuild writes the same file (what a validation record's file hash can certify). An
+    # AOTInductor package does not: its generated sources and library are named after hashes of the
+    # build; its record holds for the weights and the recipe (CPU flags included), and every build is
+    # checked against eager PyTorch before it is kept.
+    reproducible: bool = True
 
 
 FORMATS = {
@@ -102,7 +107,7 @@ FORMATS = {
     "torchscript_bf16": Format("model_bf16.pt", "bf16", "cpu", BF16_RECIPE),
     "onnx_int8": Format("model_int8.onnx", "int8", "cpu", INT8_RECIPE),
     "tensorrt_fp16": Format("model_fp16.onnx", "fp16", "cuda", FP16_ONNX_RECIPE),
-    "aoti": Format("model.pt2", "fp32", "cpu", AOTI_RECIPE),
+    "aoti": Format("model.pt2", "fp32", "cpu", AOTI_RECIPE, reproducible=False),
     "openvino_bf16": Format("model.onnx", "bf16", "cpu", OPENVINO_RECIPE | {"file": "onnx"}, source="onnx"),
     "openvino_int8": Format("model_int8.onnx", "int8", "cpu", OPENVINO_RECIPE | {"file": "onnx_int8"},
                             source="onnx_int8"),

@@ -47,9 +47,11 @@ def tta_server(tmp_path_factory):
     """INT8 1.3 at start; the flip-TTA version 1.4 registered on demand, as `load: false` intends."""
     run_dir = tmp_path_factory.mktemp("tta")
     client = start_torchserve(run_dir, models=[f"{MODEL}={archive.archive_name(MODEL, PLAIN_VERSION)}"])
-    client.register(archive.archive_name(MODEL, TTA_VERSION))
-    yield client
-    server.stop(run_dir)
+    try:
+        client.register(archive.archive_name(MODEL, TTA_VERSION))
+        yield client
+    finally:
+        server.stop(run_dir)
 
 
 def png(pixels: np.ndarray) -> bytes:

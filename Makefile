@@ -12,7 +12,7 @@ UI_PORT ?= 8501
 WEIGHTS := $(wildcard training/weights/*.pt)
 EXPORTS := $(patsubst training/weights/%.pt,optimize/exported/%/export.json,$(WEIGHTS))
 
-.PHONY: help venv java chromium postgres grpc export archive serve stop ui demo demo-check test test-fast test-prerequisites docs-screenshots evaluate corrections clean
+.PHONY: help venv java chromium postgres nginx grpc export archive serve stop ui demo demo-check test test-fast test-prerequisites docs-screenshots evaluate corrections clean
 help:
 	@echo "make demo      install, build the archives, start TorchServe and the UI"
 	@echo "make test      install and run the whole test suite"
@@ -34,6 +34,9 @@ chromium:  # the UI tests drive Debian's chromium through Playwright (no browser
 
 postgres:  # the prediction-log tests start a real PostgreSQL server
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q postgresql)
+
+nginx:  # tests/test_k8s_manifests.py checks the rendered nginx configurations with `nginx -t`
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || (apt-get update -q && apt-get install -y -q nginx-light)
 
 serving/grpc_stubs/inference_pb2_grpc.py: .venv/.installed serving/generate_grpc.py
 	$(PY) -m serving.generate_grpc
@@ -73,7 +76,7 @@ demo: serve ui
 demo-check: venv  # a prediction from every served model and an answer from the UI
 	$(PY) -m serving.demo_check --ui-port $(UI_PORT)
 
-test-prerequisites: venv chromium postgres grpc archive
+test-prerequisites: venv chromium postgres nginx grpc archive
 
 test: test-prerequisites
 	$(PY) -m pytest tests

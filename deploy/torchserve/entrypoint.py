@@ -122,7 +122,7 @@ def live() -> int:
 
 
 def not_ready() -> list[str]:
-    """The loaded versions without a READY worker (TorchServe's /ping counts only default versions)."""
+    """The loaded versions without a READY worker (/ping alone is no per-version check)."""
     found = []
     models = _get("management", "/models?limit=1000").get("models", [])
     if not models:

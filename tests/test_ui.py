@@ -218,9 +218,11 @@ def test_a_prediction_marked_wrong_keeps_the_right_label(ui, ui_server):
     (the widgets were keyed by row position, so it moved onto the new row)."""
     from handlers.prediction_log import PredictionLog, url_for_run_dir
     log = PredictionLog(url_for_run_dir(ui_server.run_dir))
+    # Its own prediction to correct: alone (or first), the history would otherwise be empty.
+    rid = ui_server.predict(DIGIT_MODEL, png_bytes(draw_digit(1)))["request_id"]
     go(ui, "History")
-    rid = history_rows(ui).first.get_attribute("class").split("st-key-prediction_")[1].split()[0]
     row = ui.locator(f".st-key-prediction_{rid}")
+    expect(history_rows(ui).first).to_have_class(re.compile(f"st-key-prediction_{rid}"))
     row.get_by_role("button", name="Wrong?").click()
     popover = ui.get_by_test_id("stPopoverBody")
     expect(popover.get_by_role("button", name="Save")).to_be_disabled()  # nothing chosen yet
@@ -228,8 +230,9 @@ def test_a_prediction_marked_wrong_keeps_the_right_label(ui, ui_server):
     popover.get_by_test_id("stSelectbox").click()
     ui.get_by_role("option", name="4", exact=True).click()  # a rerun: the newcomer is now listed first
     settle(ui)
-    if not popover.is_visible():
-        row.get_by_role("button", name="Wrong?").click()
+    expect(popover).to_have_count(1)  # still open, and still this row's
+    expect(popover.get_by_role("button", name="Save")).to_be_disabled()  # until confirmed
+    popover.get_by_text("Yes, 4 is right").click()
     popover.get_by_role("button", name="Save").click()
     expect(ui.get_by_test_id("stAlertContentSuccess")).to_contain_text("should have been '4'")
     expect(row).to_contain_text("→ 4")

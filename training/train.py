@@ -85,7 +85,9 @@ def get_args_parser():
     p.add_argument("--limit", type=int, default=0, help="use only this many train/val/test images (smoke runs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the cores; under torchrun, the cores / processes per node)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="also draws the train/validation split: a warm restart (--init-from) keeps the seed of the "
+                        "run that trained those weights, or its validation images are ones they were trained on")
     p.add_argument("--init-from", help="start from these weights (fine-tuning), e.g. training/weights/<model>.pt")
     p.add_argument("--extra-train", help="an .npz of extra training images and labels, e.g. from "
                                          "`python -m serving.corrections` (user-corrected predictions)")

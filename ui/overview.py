@@ -12,7 +12,7 @@ from ui import shared
 WEIGHTS = shared.ROOT / "training" / "weights"
 MANIFEST = shared.ROOT / "model_store" / "manifest.json"
 HISTORY_COLUMNS = {"Input": 1, "Time": 1.5, "Model": 2.2, "Client": 1, "Result": 1.3, "Confidence": 1.2,
-                   "Latency (handler)": 1.2, "": 1.3}
+                   "Handler time": 1.2, "": 1.3}
 
 
 def models_page():
@@ -142,10 +142,14 @@ def history_row(row: dict, log):
         cells[4].write(f"**{row['label']}**" + (f" → {row['true_label']}" if row["true_label"] else ""))
         cells[5].write(f"{row['confidence']:.1%}")
         cells[6].write(f"{row['latency_ms']:.0f} ms")
-        with cells[7].popover("Wrong?"):
+        # Keyed (and its open state kept by Streamlit): a popover without a key is the row's place on
+        # the page, so a prediction arriving while it is open would show another row's correction in it.
+        with cells[7].popover("Wrong?", key=f"wrong_{rid}", on_change="rerun"):
             right = st.selectbox("Right label", shared.class_names(row["model"]), index=None,
                                  placeholder="choose the right label", key=f"right_{rid}")
-            if st.button("Save", key=f"save_{rid}", disabled=right is None):
+            sure = st.checkbox(f"Yes, {right} is right" if right is not None else "Yes, that is right",
+                               key=f"sure_{rid}", disabled=right is None)
+            if st.button("Save", key=f"save_{rid}", disabled=right is None or not sure):
                 log.correct(rid, right)
                 st.session_state.history_saved = (f"Saved: the {row['model']} prediction "
                                                   f"{row['label']!r} should have been {right!r}.")

@@ -93,15 +93,16 @@ def main(args):
               "models": {model: tune_model(settings, model, [m for m in manifest if m["model"] == model], protocol)
                          for model in models}}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text(markdown(result))
+    report = Path(args.report)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(markdown(result))
     print(markdown(result))
     for model, r in result["models"].items():
         if r["fastest"] != r["models_yaml_default"]:
             print(f"{model}: {r['fastest']} is {r['speedup_over_default']}x the default {r['models_yaml_default']}; "
                   f"on a running server: python -m serving.modelctl set-default {model} {r['fastest']} "
                   f"(register it first if it is not loaded)")
-    print(f"wrote {args.output} and {REPORT}")
+    print(f"wrote {args.output} and {report}")
 
 
 def get_args_parser():
@@ -109,6 +110,7 @@ def get_args_parser():
     p.add_argument("models", nargs="*", help="default: every archived model")
     p.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     p.add_argument("--output", default=str(TUNED))
+    p.add_argument("--report", default=str(REPORT))
     return p
 
 

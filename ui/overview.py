@@ -1,5 +1,6 @@
 """The overview pages: the served models (and their default versions), and the prediction log."""
 import json
+import time
 from collections import Counter
 from datetime import datetime
 
@@ -27,10 +28,10 @@ def models_page():
     manifest = json.loads(MANIFEST.read_text()) if MANIFEST.exists() else []  # absent until `make archive`
     archives = {(a["model"], a["version"]): a for a in manifest}
     for model in served:
-        model_section(model, archives)
+        model_section(model, archives, manifest)
 
 
-def model_section(model: str, archives: dict):
+def model_section(model: str, archives: dict, manifest: list[dict]):
     versions = shared.attempt(shared.client().describe, model, subject=model)
     default = shared.attempt(shared.client().default_version, model, subject=model)
     if versions is None or default is None:
@@ -46,6 +47,9 @@ def model_section(model: str, archives: dict):
         if curve.exists():
             curves.image(str(curve), caption="Training curves, from the model card")
         default_switch(model, [v["modelVersion"] for v in versions], default)
+        model_card_figures(model)
+        archived_versions(model, [v["modelVersion"] for v in versions], manifest)
+        serving_figures(model, versions, default)
 
 
 def version_table(model: str, versions: list[dict], default: str, archives: dict) -> pd.DataFrame:
@@ -83,6 +87,14 @@ def default_switch(model: str, versions: list[str], default: str):
         confirmed = st.checkbox(f"Yes, make {new} the default", key=f"confirm_default_{model}_{default}")
         st.button("Set default", disabled=not confirmed, on_click=set_default, args=(model, new),
                   key=f"set_default_{model}")
+        st.button("Cancel", disabled=not confirmed, on_click=cancel_default, args=(model, default),
+                  key=f"cancel_default_{model}")
+
+
+def cancel_default(model: str, default: str):
+    """Cancel's callback: the confirmation taken back, the version picker back at its first choice."""
+    st.session_state[f"confirm_default_{model}_{default}"] = False
+    st.session_state.pop(f"new_default_{model}_{default}", None)
 
 
 def set_default(model: str, version: str):
@@ -93,6 +105,109 @@ def set_default(model: str, version: str):
         st.session_state.models_notice = ("error", shared.explain(e, model))
 
 
+def model_card_figures(model: str):
+    """The model card's confusion matrix (its figure) and per-class test accuracy (its metrics)."""
+    confusion = WEIGHTS / f"{model}_confusion.png"
+    metrics = WEIGHTS / f"{model}_metrics.json"
+    if not confusion.exists() and not metrics.exists():
+        return
+    with st.expander("Confusion matrix and per-class accuracy (model card)", key=f"card_{model}"):
+        matrix, per_class = st.columns([3, 2])
+        if confusion.exists():
+            matrix.image(str(confusion), caption=f"{model}: confusion matrix on the test split, from the model card")
+        if metrics.exists():
+            card = json.loads(metrics.read_text())
+            accuracy = card.get("per_class_acc") or {}
+            if isinstance(accuracy, list):
+                accuracy = dict(zip(shared.class_names(model), accuracy))
+            per_class.table(pd.DataFrame({"Class": list(accuracy),
+                                          "Test accuracy": [f"{a:.2%}" for a in accuracy.values()]})
+                            .set_index("Class"))
+
+
+def archived_versions(model: str, registered: list[str], manifest: list[dict]):
+    """Versions archived in model_store/ but not registered on TorchServe: register one (with
+    confirmation); and a registered version's worker count, changed with confirmation."""
+    unregistered = [a for a in manifest if a["model"] == model and a["version"] not in registered]
+    with st.expander(f"Register or scale versions ({len(unregistered)} archived, not registered)",
+                     key=f"manage_{model}"):
+        if unregistered:
+            st.table(pd.DataFrame([{"Version": a["version"], "Format": a.get("format", "?"),
+                                    "Archive": a["archive"],
+                                    "Test accuracy": f"{a['test_accuracy']:.2%}" if a.get("test_accuracy") else "?"}
+                                   for a in unregistered]).set_index("Version"))
+            with st.container(horizontal=True, vertical_alignment="bottom"):
+                version = st.selectbox("Archived version", [a["version"] for a in unregistered], index=None,
+                                       placeholder="choose a version", key=f"register_version_{model}")
+                sure = st.checkbox(f"Yes, register {version}" if version else "Yes, register it",
+                                   disabled=version is None, key=f"register_sure_{model}")
+                archive = next((a["archive"] for a in unregistered if a["version"] == version), None)
+                st.button("Register", disabled=not (version and sure), key=f"register_{model}",
+                          on_click=manage, args=(model, f"registered {version}", shared.client().register, archive))
+        else:
+            st.caption("Every archived version is registered.")
+        with st.container(horizontal=True, vertical_alignment="bottom"):
+            version = st.selectbox("Registered version", registered, key=f"scale_version_{model}")
+            workers = st.number_input("Workers", 0, 4, 1, key=f"scale_workers_{model}")
+            sure = st.checkbox(f"Yes, run {workers} worker(s) for {version}", key=f"scale_sure_{model}_{version}_{workers}")
+            st.button("Scale", disabled=not sure, key=f"scale_{model}", on_click=manage,
+                      args=(model, f"version {version} scaled to {workers} worker(s)", shared.client().scale,
+                            version, workers))
+
+
+def manage(model: str, done: str, call, *args):
+    if args and args[0] is None:
+        return
+    try:
+        call(*args)
+        st.session_state.models_notice = ("success", f"{model}: {done}.")
+    except shared.SERVE_ERRORS as e:
+        st.session_state.models_notice = ("error", shared.explain(e, model))
+
+
+def serving_figures(model: str, versions: list[dict], default: str):
+    """What TorchServe's Prometheus endpoint says about this model, read whenever the page runs (Refresh
+    runs it: a periodic rerun would redraw the page under the visitor's clicks): requests, mean latency
+    and queue time per version, the request rate since the previous reading, errors server-wide and
+    worker health."""
+    snapshots = st.session_state.setdefault(f"figures_{model}", [])
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.markdown("**Serving now** (TorchServe's metrics endpoint)")
+        st.button("Refresh", icon=":material/refresh:", key=f"refresh_{model}")  # a rerun reads them again
+    try:  # read on every run of the page: one local GET
+        snapshots.append((time.time(), shared.serving_metrics()))
+    except shared.SERVE_ERRORS as e:
+        st.warning(f"The metrics endpoint did not answer: {e}", icon=":material/warning:")
+        return
+    del snapshots[:-2]
+    (now, metrics), before = snapshots[-1], (snapshots[0] if len(snapshots) > 1 else None)
+    rows = []
+    for v in versions:
+        # A request without a version in its path is labelled model_version="default": the default's.
+        names = [v["modelVersion"]] + (["default"] if v["modelVersion"] == default else [])
+
+        def total(samples, name):
+            return sum(shared.metric(samples, name, {"model_name": model, "model_version": n}) for n in names)
+        requests = total(metrics, "ts_inference_requests_total")
+        latency = total(metrics, "ts_inference_latency_microseconds")
+        queue = total(metrics, "ts_queue_latency_microseconds")
+        rate = "?"
+        if before:
+            earlier = total(before[1], "ts_inference_requests_total")
+            rate = f"{(requests - earlier) / max(now - before[0], 1e-9):.2f}/s"
+        workers = Counter(w.get("status", "?") for w in v.get("workers", []))
+        rows.append({"Version": v["modelVersion"], "Requests": f"{requests:.0f}",
+                     "Rate since last reading": rate,
+                     "Mean latency": f"{latency / requests / 1000:.1f} ms" if requests else "no requests",
+                     "Mean queue time": f"{queue / requests / 1000:.1f} ms" if requests else "no requests",
+                     "Workers": ", ".join(f"{n} {s.lower()}" for s, n in workers.items()) or "none"})
+    st.table(pd.DataFrame(rows).set_index("Version"))
+    errors = {kind: shared.metric(metrics, f"Requests{kind}", {}) for kind in ("4XX", "5XX")}
+    st.caption(f"Server-wide: {errors['4XX']:.0f} client errors (4XX), {errors['5XX']:.0f} server errors (5XX); "
+               f"read {time.strftime('%H:%M:%S', time.localtime(now))}. TorchServe exports sums, not latency "
+               "histograms: mean latency is what it can tell, not p50/p95.")
+
+
 def history_page():
     st.title("History")
     log = shared.prediction_log()
@@ -101,32 +216,56 @@ def history_page():
         return
     saved = st.session_state.pop("history_saved", None)
     if saved:  # left by the Save of a correction: the page has been redrawn since
-        st.success(saved, icon=":material/check:")
-    model_filter, mine_filter, page_input = st.columns([2, 2, 1], vertical_alignment="bottom")
+        kind, text = saved
+        (st.success if kind == "success" else st.error)(text, icon=":material/check:" if kind == "success"
+                                                         else ":material/error:")
+    model_filter, version_filter, search, mine_filter, page_input = st.columns([2, 1.2, 2.4, 1.6, 1],
+                                                                              vertical_alignment="bottom")
     models = shared.models_for("digit_handler.py") + shared.models_for("image_handler.py")  # served or not
     model = model_filter.selectbox("Model", ["every model", *models], key="history_model")
+    versions = logged_versions(model) if model != "every model" else []
+    version = version_filter.selectbox("Version", ["every version", *versions], key=f"history_version_{model}",
+                                       disabled=not versions)
+    rid = search.text_input("Request id", key="history_request_id", placeholder="find one prediction",
+                            help="The request id TorchServe answered with (X-Request-Id, or the History row's).")
+    rid = rid.strip()
     mine = mine_filter.toggle("Only this UI's predictions", key="history_mine")
     where = {k: v for k, v in (("client", "ui" if mine else None),
-                               ("model", None if model == "every model" else model)) if v}
+                               ("model", None if model == "every model" else model),
+                               ("version", None if version == "every version" else version),
+                               ("request_id", rid or None)) if v}
     try:
         total = log.count(**where)
         pages = max(1, -(-total // shared.HISTORY_LENGTH))
-        page = page_input.number_input(f"Page (of {pages})", 1, pages, 1, key="history_page")
+        # Keyed by the filters: a new filter starts at page 1 (and never past its last page).
+        page = page_input.number_input(f"Page (of {pages})", 1, pages, 1,
+                                       key=f"history_page_{sorted(where.items())}")
         rows = log.recent(limit=shared.HISTORY_LENGTH, offset=(page - 1) * shared.HISTORY_LENGTH, **where)
     except shared.LOG_ERRORS as e:
         st.error(f"The prediction log cannot be read: {e}", icon=":material/error:")
         return
     if not rows:
-        st.info("No predictions yet: draw a digit or upload a photo.", icon=":material/history:")
+        st.info(f"No prediction has the request id {rid}." if rid else
+                "No predictions yet: draw a digit or upload a photo." if not where else
+                "No predictions match these filters.", icon=":material/history:")
         return
     first = (page - 1) * shared.HISTORY_LENGTH
     st.caption(f"Predictions {first + 1:,} to {first + len(rows):,} of {total:,} that TorchServe served "
-               f"({'this UI' if mine else 'every client'}, {model}), newest first, from the prediction log. "
+               f"({'this UI' if mine else 'every client'}, {model}, {version}), newest first, from the prediction log. "
                f"Mark a wrong one with the right label: `make corrections MODEL=...` exports them for fine-tuning.")
     for column, name in zip(st.columns(list(HISTORY_COLUMNS.values())), HISTORY_COLUMNS):
-        column.markdown(f"**{name}**")
+        if name:  # "****" (the correction column's empty heading) is Markdown for a horizontal line
+            column.markdown(f"**{name}**")
     for row in rows:
         history_row(row, log)
+
+
+def logged_versions(model: str) -> list[str]:
+    """The versions of `model` TorchServe serves now: the History's version filter."""
+    try:
+        return [v["modelVersion"] for v in shared.client().describe(model)]
+    except shared.SERVE_ERRORS:
+        return []
 
 
 def history_row(row: dict, log):
@@ -149,8 +288,18 @@ def history_row(row: dict, log):
                                  placeholder="choose the right label", key=f"right_{rid}")
             sure = st.checkbox(f"Yes, {right} is right" if right is not None else "Yes, that is right",
                                key=f"sure_{rid}", disabled=right is None)
-            if st.button("Save", key=f"save_{rid}", disabled=right is None or not sure):
-                log.correct(rid, right)
-                st.session_state.history_saved = (f"Saved: the {row['model']} prediction "
-                                                  f"{row['label']!r} should have been {right!r}.")
-                st.rerun()
+            st.button("Save", key=f"save_{rid}", disabled=right is None or not sure,
+                      on_click=save_correction, args=(log, row, right))
+
+
+def save_correction(log, row: dict, right: str):
+    """Save's callback: record the right label, say so on the redrawn page, close the row's popover."""
+    rid = row["request_id"]
+    try:
+        log.correct(rid, right)
+    except shared.LOG_ERRORS as e:
+        st.session_state.history_saved = ("error", f"The correction was not saved: {e}")
+        return
+    st.session_state.history_saved = ("success", f"Saved: the {row['model']} prediction {row['label']!r} "
+                                                 f"should have been {right!r}.")
+    st.session_state[f"wrong_{rid}"] = False

@@ -1,9 +1,11 @@
 """The prediction pages: draw a digit on a canvas, or upload a photo."""
+import hashlib
+
 import pandas as pd
 import streamlit as st
-from streamlit_drawable_canvas import st_canvas
 
 from ui import shared
+from ui.canvas import st_canvas
 
 CANVAS_PX = 280  # ten times MNIST's 28 px: room to draw with a mouse or a finger
 SEEN_PX = 224  # the model's input, enlarged (8x a digit, 7x a CIFAR image)
@@ -30,6 +32,7 @@ def draw_page():
                   else shared.answered("draw", model, version, image, top_k=10))
         if result:
             digit_result(result, image)
+            every_answer("digit_handler.py", image)
         elif not asked:
             st.info("Draw one digit, large and centred, then press **Predict**.", icon=":material/draw:")
 
@@ -122,3 +125,27 @@ def explained(page: str, result: dict, image: bytes):
     explanation = shared.explanation(page, result["model"], result["version"], image)
     if explanation:
         st.image(shared.overlay(explanation, SEEN_PX), caption=f"Why {explanation['label']}: red for, blue against")
+
+
+def every_answer(handler: str, image: bytes):
+    """On request, every served model's answer for this very drawing, side by side (each model's
+    default version): the answer above stays as it is."""
+    key = hashlib.sha256(image).hexdigest()
+    answers = st.session_state.setdefault("every_answer", {})
+    if st.button("Every model's answer for this drawing", icon=":material/compare:", key="every_answer_button"):
+        served = shared.attempt(shared.client().models)
+        if served is None:
+            return
+        answers.clear()  # one drawing's answers at a time
+        answers[key] = {model: shared.attempt(shared.client().predict, model, image, top_k=1, subject=model)
+                        for model in shared.models_for(handler) if model in served}
+    if key not in answers:
+        return
+    with st.container(key="every_answer"):
+        for column, (model, answer) in zip(st.columns(max(1, len(answers[key]))), answers[key].items()):
+            with column.container(border=True):
+                if answer is None:
+                    st.caption(f"{model}: no answer")
+                    continue
+                st.metric(model, answer["label"], help=f"version {answer['version']} (its default)")
+                st.caption(f"version {answer['version']} · confidence {answer['confidence']:.1%}")

@@ -3,6 +3,8 @@ the prediction call and the prediction log."""
 import base64
 import hashlib
 import io
+import os
+import re
 import time
 from pathlib import Path
 
@@ -208,3 +210,34 @@ def enlarged(image: bytes | np.ndarray, size: int) -> Image.Image:
     nearest-neighbour so that its pixels stay visible."""
     image = Image.fromarray(image) if isinstance(image, np.ndarray) else Image.open(io.BytesIO(image))
     return image.resize((size, size * image.height // image.width), Image.Resampling.NEAREST)
+
+
+def metrics_url() -> str:
+    """TorchServe's Prometheus endpoint: $TS_METRICS_URL, else config.properties' metrics_address."""
+    if os.environ.get("TS_METRICS_URL"):
+        return os.environ["TS_METRICS_URL"].rstrip("/")
+    for line in (ROOT / "config.properties").read_text().splitlines():
+        if line.strip().startswith("metrics_address="):
+            return line.split("=", 1)[1].strip().rstrip("/")
+    return "http://127.0.0.1:8082"
+
+
+def serving_metrics() -> list[tuple[str, dict, float]]:
+    """GET /metrics (Prometheus text) as (name, labels, value) samples."""
+    answer = requests.get(f"{metrics_url()}/metrics", timeout=5)
+    answer.raise_for_status()
+    samples = []
+    for line in answer.text.splitlines():
+        match = PROMETHEUS_LINE.match(line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"] or ""))
+            samples.append((match["name"], labels, float(match["value"])))
+    return samples
+
+
+PROMETHEUS_LINE = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>[-+\w.]+)")
+
+
+def metric(samples: list, name: str, labels: dict) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    return sum(value for n, have, value in samples if n == name and labels.items() <= have.items())

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from optimize.export import EXPORT_DIR, export_onnx
+from optimize.export import EXPORT_DIR, TOLERANCE, export_onnx
 from training.data import DEFAULT_DATA_DIR, DataMissing, INPUT_SHAPE, data_dir_arg, load_split, normalize
 from training.models import MODELS, dataset_of, load_weights
 from training.train import WEIGHTS_DIR
@@ -81,7 +81,6 @@ def cpu_isa() -> list[str]:
 AOTI_MAX_BATCH = 256  # the largest batch the compiled package accepts (validation runs 250 at a time)
 AOTI_RECIPE = {"export": f"torch.export, dynamic batch 1..{AOTI_MAX_BATCH}", "compile": "AOTInductor, freezing",
                "torch": torch.__version__, "cpu_isa": cpu_isa()}  # its kernels are compiled for these flags
-AOTI_PARITY = 1e-3  # max |logit difference| against eager fp32 on random inputs, as optimize/export.py checks
 # OpenVINO runs the ONNX files above (handlers/runtimes.py OpenVinoRuntime: these settings).
 OPENVINO_RECIPE = {"runtime": "openvino CPU", "inference_precision": "bf16 where the CPU has it, else f32",
                    "streams": 1, "performance_hint": "LATENCY"}
@@ -226,9 +225,9 @@ def build_aoti(model: str, out: Path, data_dir):
     images = torch.randn(5, *INPUT_SHAPE[dataset_of(model)], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         difference = (compiled(images) - net(images)).abs().max().item()
-    if difference > AOTI_PARITY:
+    if difference > TOLERANCE:  # the parity limit of optimize/export.py's exports
         Path(path).unlink()
-        raise RuntimeError(f"AOTInductor package differs from eager PyTorch by {difference:.2g} (limit {AOTI_PARITY})")
+        raise RuntimeError(f"AOTInductor package differs from eager PyTorch by {difference:.2g} (limit {TOLERANCE})")
 
 
 # Formats built here; torchscript and onnx come from optimize.export.

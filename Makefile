@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DELETE_ON_ERROR:  # a failed `make archive` leaves no manifest that looks done
 PY := .venv/bin/python
 # The real data sets (training, `make evaluate`): ../shared/data unless DATA_DIR says otherwise
-# (training/data.py). Everything else works without them.
+# (catalog.py). Everything else works without them.
 ifdef DATA_DIR
 export DATA_DIR
 endif

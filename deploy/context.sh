@@ -10,8 +10,9 @@ ls model_store/*.mar >/dev/null 2>&1 && test -f model_store/manifest.json || { e
 cp -l model_store/*.mar "$out/model_store/" 2>/dev/null || cp model_store/*.mar "$out/model_store/"
 cp model_store/manifest.json "$out/model_store/"
 cp -r deploy/requirements-server.txt deploy/requirements-ui.txt deploy/prune-venv.sh deploy/torchserve "$out/deploy/"
-# The UI: its pages, the REST client, the prediction log's table, the class names, the model cards.
+# The UI: its pages, the REST client, the prediction log's table, the project's facts (catalog.py:
+# class names, paths), the model cards.
 tar -c --exclude=__pycache__ --exclude='*.pt' --exclude=grpc_stubs \
-    ui serving handlers training/__init__.py training/data.py training/models.py training/weights \
+    ui serving handlers catalog.py training/weights \
     model_store/models.yaml model_store/manifest.json config.properties | tar -x -C "$out/app"
 du -sh "$out" | cut -f1

@@ -1,8 +1,12 @@
 """Shared TorchServe handler for the image classifiers: initialize -> preprocess -> inference -> postprocess.
 
 Shipped inside every .mar beside digit_handler.py / image_handler.py; depends on torch, numpy and
-Pillow only (onnxruntime when the archive holds an ONNX model). Per-model settings (normalisation,
-class names, threads, top-k, test-time augmentation) come from the archive's model-config.yaml under `handler:`.
+Pillow only (onnxruntime when the archive holds an ONNX model). This module is the server's side:
+reading TorchServe's requests, options, the Open Inference Protocol, explanations, the prediction log
+and the error boundary. What a prediction is (decoding, preprocessing, normalisation, runtime,
+softmax, the response dict) is classifier.py's Classifier, built from the archive's
+model-config.yaml `handler:` settings (normalisation, class names, threads, top-k, temperature,
+test-time augmentation); the Flask baseline and the tests run the same Classifier in-process.
 
 A request carries one image in any of these forms:
   * the raw body (PNG, JPEG or WebP bytes),
@@ -21,13 +25,10 @@ them together with predictions):
   * Explanations, POST /explanations/{model}[/{version}]: TorchServe's frontend sets the request
     header `explain: True`; the image comes in any of the forms above and is answered with an
     attribution map (explain.py) and the prediction it explains.
-Probabilities are softmax(logits / temperature), `temperature` from the config (default 1.0).
 """
 import base64
-import binascii
 import dataclasses
 import gc
-import io
 import json
 import logging
 import os
@@ -37,24 +38,17 @@ import time
 import numpy as np
 from PIL import Image
 
+from classifier import BadInput, Classifier, decode_image, image_bytes, to_png
 from explain import METHOD as EXPLAIN_METHOD, occlusion
 from prediction_log import PredictionLog, Settings, record_row, url_from_env
-from runtimes import load_runtime
 
-MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding (decompression bombs)
-ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP"}
 OPTION_KEYS = {"top_k", "return_input", "client"}
 OPTION_HEADERS = {f"x-{k.replace('_', '-')}": k for k in OPTION_KEYS}  # X-Top-K -> top_k
-Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 OIP_INPUT = "image"
 OIP_OUTPUTS = ("probabilities", "label")
 MAX_OIP_IMAGES = 64  # images per OIP request: bounds one request's share of a batch
 RAW_CHANNELS = {1: "L", 3: "RGB", 4: "RGBA"}  # channels of a UINT8 [N, H, W, C] input -> PIL mode
 BINARY_OIP_HEADER = "inference-header-content-length"  # an OIP body with binary tensor data after its JSON
-
-
-class BadInput(ValueError):
-    """A client error: becomes HTTP 400 with this message."""
 
 
 def _text(value) -> str:
@@ -93,50 +87,6 @@ def _payload_and_options(row: dict, headers: dict):
         raise BadInput("empty request: send a PNG, JPEG or WebP image (raw body, multipart field, "
                        'or JSON {"data": "<base64>"})')
     return bytes(payload), options
-
-
-def image_bytes(payload: bytes) -> bytes:
-    """Raw image bytes pass through; a data: URL or bare base64 text is decoded."""
-    if payload.startswith(b"data:"):
-        header, _, payload = payload.partition(b",")
-        if b";base64" not in header:
-            raise BadInput("data: URL must be base64-encoded (data:image/png;base64,...)")
-    elif payload[:4] in (b"\x89PNG", b"RIFF") or payload[:2] == b"\xff\xd8":
-        return payload
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadInput("not an image: expected PNG, JPEG or WebP bytes, or base64 text of one") from None
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Image file bytes -> a fully loaded PIL image, refusing non-images, truncated files and huge
-    images (from the header, before decoding) quickly."""
-    if not data:
-        raise BadInput("empty image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise BadInput(f"image too large: {e}") from None
-    except Exception:
-        raise BadInput("not an image: expected PNG, JPEG or WebP") from None
-    if image.format not in ACCEPTED_FORMATS:
-        raise BadInput(f"unsupported image format {image.format}: send PNG, JPEG or WebP")
-    width, height = image.size
-    if width * height > MAX_PIXELS or width == 0 or height == 0:
-        raise BadInput(f"image is {width}x{height} pixels: at most {MAX_PIXELS:,} pixels are accepted")
-    try:
-        image.load()
-    except Exception as e:  # truncated or corrupt data
-        raise BadInput(f"corrupt or truncated {image.format} image: {e}") from None
-    return image
-
-
-def to_png(pixels: np.ndarray) -> bytes:
-    """uint8 HxW or HxWx3 -> PNG bytes (what the model saw)."""
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _brief(value) -> str:
@@ -229,7 +179,8 @@ OIP_UNREADABLE = (f'this Open Inference Protocol request could not be read: inpu
 
 
 class ImageClassifier:
-    """Subclasses define `preprocess_image(PIL image) -> uint8 array (what the model saw)`."""
+    """Subclasses define `preprocess_image(PIL image) -> uint8 array (what the model saw)`; the
+    prediction itself is `self.classifier`'s."""
 
     def __init__(self):
         self.initialized = False
@@ -241,17 +192,9 @@ class ImageClassifier:
         config = (context.model_yaml_config or {}).get("handler", {})
         self.model_name = context.model_name
         self.version = manifest.get("modelVersion", "")
-        self.classes = list(config["classes"])
-        self.mean = np.asarray(config["mean"], np.float32)
-        self.std = np.asarray(config["std"], np.float32)
-        self.top_k = int(config.get("top_k", 3))
-        self.temperature = float(config.get("temperature", 1.0))  # fitted per model on held-out data
-        if not self.temperature > 0:  # also NaN: fails the worker's start, with the value
-            raise ValueError(f"handler temperature must be > 0, got {self.temperature}")
-        path = os.path.join(context.system_properties["model_dir"], manifest["serializedFile"])
         self.format = config["format"]
-        # `tta: flip` (a version of its own in models.yaml): each image is also run mirrored (runtimes.py)
-        self.runtime = load_runtime(self.format, path, int(config.get("threads", 1)), config.get("tta"))
+        path = os.path.join(context.system_properties["model_dir"], manifest["serializedFile"])
+        self.classifier = Classifier.load(config, path, self.preprocess_image)
         url = url_from_env()
         # Settings from the environment here: a bad PREDICTION_LOG_* value fails the worker's start, with its name.
         self.log = PredictionLog(url, Settings.from_env()) if url else None
@@ -264,19 +207,14 @@ class ImageClassifier:
     def preprocess_image(self, image: Image.Image) -> np.ndarray:
         raise NotImplementedError
 
-    def to_tensor(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 HxW or HxWxC -> normalised float32 CxHxW."""
-        x = pixels.astype(np.float32) / 255.0
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        return (x - self.mean[:, None, None]) / self.std[:, None, None]
-
     def _options(self, options: dict) -> dict:
+        classes = len(self.classifier.classes)
         try:
-            top_k = int(options.get("top_k", self.top_k))
+            top_k = int(options.get("top_k", self.classifier.top_k))
         except ValueError:
             raise BadInput(f"top_k must be an integer, got {options['top_k']!r}") from None
-        if not 1 <= top_k <= len(self.classes):
-            raise BadInput(f"top_k must be between 1 and {len(self.classes)}, got {top_k}")
+        if not 1 <= top_k <= classes:
+            raise BadInput(f"top_k must be between 1 and {classes}, got {top_k}")
         return {"top_k": top_k, "return_input": options.get("return_input", "false").lower() in ("1", "true", "yes"),
                 "client": options.get("client") or "api"}  # who asked, for the prediction log
 
@@ -310,7 +248,7 @@ class ImageClassifier:
             oip_id, outputs, tensor = oip_request(payload)
             return Request(OIP, self._oip_items(tensor, request_id), self._options(options), oip_id, tuple(outputs))
         image = image_bytes(payload)
-        item = Item(self.preprocess_image(decode_image(image)), image, request_id)
+        item = Item(self.classifier.pixels(image), image, request_id)
         return Request(EXPLAIN if explain else PREDICT, [item], self._options(options))
 
     def _oip_items(self, tensor: dict, request_id: str) -> list:
@@ -359,21 +297,10 @@ class ImageClassifier:
         good = [item.pixels for r in requests if isinstance(r, Request) for item in r.items]
         if not good:
             return None
-        return self.runtime(np.stack([self.to_tensor(p) for p in good]))
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """softmax(logits / temperature), per row."""
-        z = logits / self.temperature
-        z = np.exp(z - z.max(1, keepdims=True))
-        return z / z.sum(1, keepdims=True)
-
-    def _prediction(self, p: np.ndarray, top_k: int) -> dict:
-        order = np.argsort(-p)[:top_k]
-        return {"index": int(order[0]), "label": self.classes[order[0]], "confidence": float(p[order[0]]),
-                "top_k": [{"index": int(j), "label": self.classes[j], "probability": float(p[j])} for j in order]}
+        return self.classifier.logits(self.classifier.batch(good))
 
     def postprocess(self, requests, logits, context):
-        probs = None if logits is None else self.probabilities(logits)
+        probs = None if logits is None else self.classifier.probabilities(logits)
         responses, row = [], 0
         for i, request in enumerate(requests):
             if isinstance(request, Rejected):
@@ -383,7 +310,7 @@ class ImageClassifier:
                 continue
             p = probs[row: row + len(request.items)]
             row += len(request.items)
-            request.predictions = [self._prediction(q, request.options["top_k"]) for q in p]
+            request.predictions = [self.classifier.prediction(q, request.options["top_k"]) for q in p]
             header = {"model": self.model_name, "version": self.version, "format": self.format,
                       "request_id": context.request_ids[i]}
             if request.kind == OIP:
@@ -409,13 +336,13 @@ class ImageClassifier:
 
     def explain_baseline(self) -> np.ndarray:
         """What an occluded pixel becomes, per channel, normalised: the training mean colour (0)."""
-        return np.zeros_like(self.mean)
+        return np.zeros_like(self.classifier.mean)
 
     def _explanation(self, request: Request, header: dict, context, i: int) -> dict:
         item, prediction = request.items[0], request.predictions[0]
         try:
-            attribution = occlusion(self.runtime, self.to_tensor(item.pixels), prediction["index"],
-                                    self.explain_baseline())
+            attribution = occlusion(self.classifier.runtime, self.classifier.to_tensor(item.pixels),
+                                    prediction["index"], self.explain_baseline())
         except Exception:  # noqa: BLE001 - a failed explanation fails its own request only
             logging.getLogger(__name__).exception("request %s: explanation failed", header["request_id"])
             context.set_response_status(500, "the explanation failed", idx=i)

@@ -16,7 +16,8 @@ preprocessing against 99.51% on the raw tensors.
 import numpy as np
 from PIL import Image, ImageFilter
 
-from base_classifier import BadInput, ImageClassifier
+from base_classifier import ImageClassifier
+from classifier import BadInput
 
 WORK_SIZE = 80  # long side (px) at which stroke width is measured and normalised
 MIN_STROKE = 6  # px at WORK_SIZE: thinner strokes are dilated; 99.6% of MNIST test digits measure >= 6
@@ -124,4 +125,4 @@ class DigitHandler(ImageClassifier):
 
     def explain_baseline(self):
         """An occluded pixel becomes background: black, as MNIST's."""
-        return (0 - self.mean) / self.std
+        return self.classifier.to_tensor(np.zeros((1, 1), np.uint8))[:, 0, 0]

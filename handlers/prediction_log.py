@@ -1,13 +1,14 @@
-"""The prediction log: every served prediction, one row each, in SQLite (default) or PostgreSQL.
+"""The prediction log's writer: every served prediction, one row each, in the table of
+prediction_table.py (SQLite by default, or PostgreSQL).
 
 Shipped inside every .mar; the handler writes one batch per transaction right after inference, before
 it answers, so a worker crash can lose at most the batch in flight (whose requests fail too), and a
 clean shutdown loses nothing. The write is on the prediction path, so it is kept cheap: raw pixels
 rather than a PNG per row, one DBAPI connection per worker and the insert compiled once.
-Clients (UI, modelctl, the corrections export) read the log with the same table.
+Clients (UI, the corrections export, the load tests) read the log with prediction_table.py alone.
 
 PREDICTION_LOG_URL selects the database: a SQLAlchemy URL such as sqlite:////abs/path/predictions.db
-(serving/server.py sets <run dir>/predictions.db by default, see url_for_run_dir) or postgresql+psycopg://user@host/db;
+(serving/server.py sets <run dir>/predictions.db by default: prediction_table.url_for_run_dir) or postgresql+psycopg://user@host/db;
 "off" or unset disables recording.
 
 Bounded: each writing worker's background thread deletes the rows older than MAX_AGE_DAYS and the
@@ -56,6 +57,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from prediction_table import PredictionTable, check_schema, predictions
+
 MAX_INPUT_BYTES = 256 * 1024  # larger uploads keep their hash, not their bytes
 MAX_AGE_DAYS = 30.0  # rows older than this are deleted; 0: no age limit
 MAX_ROWS = 1_000_000  # the oldest rows beyond this many are deleted; 0: no limit
@@ -66,32 +69,10 @@ SPOOL_MAX_MB = 256.0  # MiB per worker process
 RETRY_S = 5.0  # seconds a worker spools without trying the database after a failure
 PRUNE_BATCH_ROWS = 2000  # rows deleted per transaction: SQLite's writers wait for each (30 ms here)
 REPLAY_BATCH_ROWS = 1000  # spooled rows written per transaction
-CONNECT_TIMEOUT_S = 2  # a PostgreSQL that does not answer (libpq's minimum)
 SPOOL_SUFFIX = ".jsonl"
 BINARY_COLUMNS = ("input_bytes", "model_input")  # base64 in the spool
 
 logger = logging.getLogger(__name__)
-metadata = sa.MetaData()
-predictions = sa.Table(
-    "predictions", metadata,
-    sa.Column("request_id", sa.String(64), primary_key=True),
-    sa.Column("created", sa.Float, nullable=False, index=True),  # unix time (s)
-    sa.Column("model", sa.String(64), nullable=False),
-    sa.Column("version", sa.String(32), nullable=False),
-    sa.Column("format", sa.String(32), nullable=False),
-    sa.Column("client", sa.String(32), nullable=False),  # X-Client header: ui, api, loadtest, ...
-    sa.Column("input_sha256", sa.String(64), nullable=False),
-    sa.Column("input_bytes", sa.LargeBinary),  # NULL when over MAX_INPUT_BYTES or not sampled
-    sa.Column("input_size", sa.Integer, nullable=False),
-    sa.Column("model_input", sa.LargeBinary, nullable=False),  # what the model saw: uint8 pixels, row-major
-    sa.Column("model_input_shape", sa.String(16), nullable=False),  # "28,28" or "32,32,3"
-    sa.Column("label", sa.String(32), nullable=False),
-    sa.Column("index", sa.Integer, nullable=False),
-    sa.Column("confidence", sa.Float, nullable=False),
-    sa.Column("top_k", sa.JSON, nullable=False),
-    sa.Column("latency_ms", sa.Float, nullable=False),  # handler time of the request's batch
-    sa.Column("true_label", sa.String(32)),  # set later when a user corrects the prediction
-)
 RECORDED = [c.key for c in predictions.c if c.key != "true_label"]  # what record_row fills in
 
 
@@ -132,49 +113,6 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{name}={text!r}: expected a{'n integer' if kind is int else ' number'}") from None
         return cls(**values)
-
-
-def decode_pixels(row: dict) -> np.ndarray:
-    """What the model saw, as a uint8 array. Stored raw: encoding a PNG per row cost 33 us."""
-    shape = tuple(int(n) for n in row["model_input_shape"].split(","))
-    return np.frombuffer(row["model_input"], np.uint8).reshape(shape)
-
-
-def engine_for(url: str) -> sa.Engine:
-    url = sa.engine.make_url(url)
-    # Without a timeout a PostgreSQL host that does not answer holds the first batch after each
-    # retry for as long as TCP tries.
-    connect_args = ({"connect_timeout": CONNECT_TIMEOUT_S}
-                    if url.get_backend_name() == "postgresql" and "connect_timeout" not in url.query else {})
-    engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
-    if engine.dialect.name == "sqlite":
-        @sa.event.listens_for(engine, "connect")
-        def _pragmas(connection, _):
-            # WAL: readers (the UI) never block the workers' writes; NORMAL: no fsync per commit.
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=NORMAL")
-            connection.execute("PRAGMA busy_timeout=10000")
-    return engine
-
-
-def check_schema(engine: sa.Engine):
-    """Create the table where there is none; refuse one written by another version."""
-    metadata.create_all(engine)
-    found = {c["name"] for c in sa.inspect(engine).get_columns(predictions.name)}
-    if found != set(predictions.c.keys()):
-        raise RuntimeError(f"the prediction log at {engine.url!r} was written by another version (its columns: "
-                           f"{sorted(found)}); move it away to start a new one")
-
-
-def url_for_run_dir(run_dir) -> str:
-    """$PREDICTION_LOG_URL, else SQLite beside a server's key file (the embedded default); clients
-    find the log of the server whose key file they use."""
-    return os.environ.get("PREDICTION_LOG_URL") or f"sqlite:///{Path(run_dir).resolve() / 'predictions.db'}"
-
-
-def spool_dir_for_run_dir(run_dir) -> str:
-    """$PREDICTION_LOG_SPOOL_DIR, else <run dir>/spool beside the server's logs."""
-    return os.environ.get("PREDICTION_LOG_SPOOL_DIR") or str(Path(run_dir).resolve() / "spool")
 
 
 def url_from_env() -> str | None:
@@ -358,15 +296,12 @@ class Spool:
         return rows
 
 
-class PredictionLog:
+class PredictionLog(PredictionTable):
+    """The writing worker's log: its batches, its spool, and the pruning that bounds the table."""
+
     def __init__(self, url: str, settings: Settings = Settings()):
-        self.engine = engine_for(url)
+        super().__init__(url)
         self.settings = settings
-        try:
-            check_schema(self.engine)
-            self.schema_checked = True
-        except (sa.exc.OperationalError, sa.exc.InterfaceError):
-            self.schema_checked = False  # the database is down: the first write that reaches it checks
         dialect_insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[self.engine.dialect.name]
         # Idempotent: a batch whose commit failed may be in the database all the same, and is spooled.
         self.upsert = dialect_insert(predictions).on_conflict_do_nothing(index_elements=["request_id"])
@@ -507,32 +442,3 @@ class PredictionLog:
             if count < PRUNE_BATCH_ROWS:
                 break
         return deleted
-
-    def recent(self, limit: int = 50, offset: int = 0, **where) -> list[dict]:
-        """The newest rows first, `offset` rows skipped; `where`: column=value filters (client="ui")."""
-        query = sa.select(predictions).order_by(predictions.c.created.desc()).limit(limit).offset(offset)
-        for column, value in where.items():
-            query = query.where(predictions.c[column] == value)
-        with self.engine.connect() as connection:
-            return [dict(r._mapping) for r in connection.execute(query)]
-
-    def count(self, **where) -> int:
-        query = sa.select(sa.func.count()).select_from(predictions)
-        for column, value in where.items():
-            query = query.where(predictions.c[column] == value)
-        with self.engine.connect() as connection:
-            return connection.execute(query).scalar_one()
-
-    def correct(self, request_id: str, true_label: str) -> bool:
-        """Record the right answer for a prediction; False when the request id is unknown."""
-        with self.engine.begin() as connection:
-            result = connection.execute(predictions.update().where(predictions.c.request_id == request_id)
-                                        .values(true_label=true_label))
-        return result.rowcount == 1
-
-    def corrections(self, model: str | None = None) -> list[dict]:
-        query = sa.select(predictions).where(predictions.c.true_label.is_not(None))
-        if model:
-            query = query.where(predictions.c.model == model)
-        with self.engine.connect() as connection:
-            return [dict(r._mapping) for r in connection.execute(query.order_by(predictions.c.created))]

@@ -177,6 +177,7 @@ RUNTIMES = {
     "onnx_int8": OnnxRuntime,
     "tensorrt_fp16": TensorRTRuntime,
     "aoti": AotiRuntime,
+    "aoti_bf16": AotiRuntime,  # the package casts to bf16 and back itself
     "openvino_bf16": OpenVinoRuntime,
     "openvino_int8": OpenVinoRuntime,
 }

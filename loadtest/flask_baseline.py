@@ -4,7 +4,8 @@ loads the same TorchScript export and predicts one request at a time.
     python -m loadtest.flask_baseline --models mnist_lenet5 cifar10_resnet18 --port 8090
 
 It answers the same URLs with the same JSON as TorchServe (POST /predictions/<model>[/<version>],
-GET /ping) and preprocesses with the handlers' own functions, so both do the same work per image.
+GET /ping) through the handlers' own Classifier (handlers/classifier.py, built as the archive of
+the fp32 TorchScript version serves it), so both do the same work per image.
 What it lacks is what is measured: no batching, no worker processes, no token. Flask's threaded
 development server accepts requests concurrently; a lock makes the model run one request at a time.
 torch runs one intra-op thread by default, like a TorchServe worker; --threads 0 keeps torch's own
@@ -13,57 +14,39 @@ benchmark measures both and compares TorchServe with the faster (BENCHMARKS.md).
 """
 import argparse
 import logging
-import sys
 import threading
 
 import numpy as np
 import torch
 from flask import Flask, request
 
-from loadtest.settings import BASELINE_PORT, EXPORT_DIR, ROOT
+import catalog  # noqa: F401 - puts handlers/ on sys.path, for `from classifier import ...`
+from classifier import BadInput
+from loadtest.settings import BASELINE_PORT, EXPORT_DIR
+from model_store import archive
 
-sys.path.insert(0, str(ROOT / "handlers"))  # the handlers import each other as shipped in the .mar
-from base_classifier import BadInput, decode_image  # noqa: E402
-from digit_handler import mnist_style  # noqa: E402
-from image_handler import cifar_style  # noqa: E402
-from runtimes import TorchScriptRuntime  # noqa: E402
-
-from training.data import CLASSES, normalize  # noqa: E402
-from training.models import dataset_of  # noqa: E402
-
-PREPROCESS = {"mnist": mnist_style, "cifar10": cifar_style}
-TOP_K = 3
+FORMAT = "torchscript"  # the fp32 export, as archive version 1.0 of every model serves it
 
 
 class Predictor:
-    """Image bytes -> TorchServe's response JSON, in-process: decode and preprocess as the handler
-    does, normalise as training does, run the TorchScript export that the archive ships."""
+    """Image bytes -> TorchServe's response JSON, in-process: the handlers' Classifier over the
+    TorchScript export in EXPORT_DIR, on whichever Werkzeug thread asks."""
 
     def __init__(self, model: str, threads: int = 1):
-        dataset = dataset_of(model)
-        self.model, self.classes = model, CLASSES[dataset]
-        self.preprocess_image, self.normalize = PREPROCESS[dataset], normalize(dataset)
-        self.threads = threads or torch.get_num_threads()
-        self.runtime = TorchScriptRuntime(EXPORT_DIR / model / "model.pt", self.threads)
-
-    def pixels(self, image: bytes) -> np.ndarray:
-        """What the model sees: uint8 HxW (digits) or HxWx3 (photos)."""
-        return self.preprocess_image(decode_image(image))
+        self.model, self.threads = model, threads or torch.get_num_threads()
+        self.classifier = archive.classifier(model, FORMAT, EXPORT_DIR / model / "model.pt", self.threads)
+        self.classes, self.pixels = self.classifier.classes, self.classifier.pixels
 
     def probabilities(self, pixels: list[np.ndarray]) -> np.ndarray:
+        """What the model sees (Classifier.pixels) -> one row of probabilities per image."""
         # OpenMP's thread count belongs to the calling OS thread, and Werkzeug serves each connection on
         # a thread of its own: set it here, or torch runs one OpenMP thread per core (measured: 3x slower).
         torch.set_num_threads(self.threads)
-        chw = [torch.from_numpy(p[None] if p.ndim == 2 else p.transpose(2, 0, 1).copy()) for p in pixels]
-        logits = torch.from_numpy(self.runtime(torch.stack([self.normalize(x) for x in chw]).numpy()))
-        return torch.softmax(logits, 1).numpy()
+        return self.classifier.probabilities(self.classifier.logits(self.classifier.batch(pixels)))
 
     def predict(self, image: bytes) -> dict:
-        p = self.probabilities([self.pixels(image)])[0]
-        order = np.argsort(-p)[:TOP_K]
-        return {"model": self.model, "version": "baseline", "format": "torchscript", "index": int(order[0]),
-                "label": self.classes[order[0]], "confidence": float(p[order[0]]),
-                "top_k": [{"index": int(j), "label": self.classes[j], "probability": float(p[j])} for j in order]}
+        torch.set_num_threads(self.threads)  # see probabilities
+        return {"model": self.model, "version": "baseline", "format": FORMAT, **self.classifier.predict(image)}
 
 
 def create_app(models: list[str], threads: int = 1) -> Flask:

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from catalog import CLASSES, dataset_of
 from loadtest.flask_baseline import Predictor
 from loadtest.settings import MIN_MARGIN, POOL_SIZE
 from tests.drawing import STROKES, draw_digit, png_bytes
-from training.data import CLASSES, has_dataset, load_cifar10, load_split
-from training.models import dataset_of
+from training.data import has_dataset, load_cifar10, load_split
 
 STROKE_WIDTHS_PX = (10, 18, 26)  # pen widths of drawn digits on a 280x280 canvas
 DRAWN_SCENES = 64  # coloured scenes drawn when CIFAR-10 is absent

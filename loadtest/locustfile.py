@@ -1,20 +1,22 @@
 """Locust users for TorchServe: RestUser (FastHttpUser, raw image body) and GrpcUser (the project's
 gRPC client), each sending real images to weighted model/version targets and checking the answers.
 
-Run it through `make loadtest` / `python -m loadtest.run`, which passes these options:
-  --targets "mnist_lenet5:1.0=6,mnist_lenet5:1.1=2,cifar10_resnet18=2"   (model[:version]=weight; ping=w)
-  --ts-config / --key-file    the server's config.properties and key file (gRPC port, token)
-  --think-ms, --check-every, --max-error-rate, --max-requests, --data-dir, --samples-csv
-A run exits non-zero when its error rate exceeds --max-error-rate or a checked response disagrees
-with the image's known label. Every request is recorded in --samples-csv for loadtest/report.py,
-and beside it loadgen.json: the label checks made and failed, and the CPU Locust used during the load.
+Run it through `make loadtest` / `python -m loadtest.run`, which writes the run's LoadSpec
+(loadtest/spec.py: targets, the server's config.properties and key file, think time, checks, data
+directory) to <out>/spec.json and passes two options of this file:
+  --load-spec <out>/spec.json    what to send, to which server, checked how
+  --samples-csv <out>/samples.csv
+A run exits non-zero when its error rate exceeds the spec's max_error_rate or a checked response
+disagrees with the image's known label. Every request is recorded in --samples-csv for
+loadtest/report.py, and beside it loadgen.json: the label checks made and failed, and the CPU Locust
+used during the load.
 
 Distributed (`python -m loadtest.run --workers N`: `locust --processes N`, or `--master` here and
-`--worker --master-host ...` on other machines, each given the same --targets, --key-file and
---data-dir, which the workers need to build their images): the workers send the requests and ship their samples
-and counts to the master with every stats report; the master alone gates the run and writes
-samples.csv (a `worker` column says which worker sent each request; `users` is the sum over the
-workers) and loadgen.json (with a per-worker breakdown under `workers`).
+`--worker --master-host ...` on other machines, each given a copy of the same --load-spec, which the
+workers need to build their images): the workers send the requests and ship their samples and
+counts to the master with every stats report; the master alone gates the run and writes samples.csv
+(a `worker` column says which worker sent each request; `users` is the sum over the workers) and
+loadgen.json (with a per-worker breakdown under `workers`).
 """
 import csv
 import json
@@ -30,9 +32,9 @@ from locust.runners import MasterRunner, WorkerRunner
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # the project's packages, for `locust -f`
 from loadtest import settings  # noqa: E402
 from loadtest.images import labeled_pool  # noqa: E402
-from loadtest.traffic import PING, Traffic, parse_targets  # noqa: E402
+from loadtest.spec import PING, LoadSpec  # noqa: E402
+from loadtest.traffic import Traffic  # noqa: E402
 from serving.client import ServeError, read_key, read_properties, refused_key  # noqa: E402
-from training.data import DEFAULT_DATA_DIR  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()  # gRPC calls must yield to gevent, or one user blocks all others
 
@@ -92,12 +94,13 @@ class Recorder:
                              for (t, protocol, name, ms, ok, _, worker), users in zip(rows, totals))
 
 
+spec: LoadSpec | None = None  # this run's, read once by `prepare`
 traffic: Traffic | None = None
 recorder: Recorder | None = None
 
 
 def think_time(user) -> float:
-    return user.environment.parsed_options.think_ms / 1000
+    return spec.think_ms / 1000
 
 
 class RestUser(FastHttpUser):
@@ -107,7 +110,7 @@ class RestUser(FastHttpUser):
     wait_time = think_time
 
     def on_start(self):
-        self.key_file = self.environment.parsed_options.key_file
+        self.key_file = spec.key_file
         self.headers = {"X-Client": settings.CLIENT_NAME}
         if self.key_file:  # the Flask baseline has no token
             self.read_key()
@@ -141,8 +144,7 @@ class GrpcUser(User):
 
     def on_start(self):
         from serving.grpc_client import GrpcClient  # needs the generated stubs; REST-only runs do not
-        opts = self.environment.parsed_options
-        self.client = GrpcClient.from_config(opts.ts_config, opts.key_file, timeout=settings.REQUEST_TIMEOUT_S)
+        self.client = GrpcClient.from_config(spec.ts_config, spec.key_file, timeout=settings.REQUEST_TIMEOUT_S)
 
     @task
     def predict(self):
@@ -165,28 +167,23 @@ class GrpcUser(User):
 
 @events.init_command_line_parser.add_listener
 def add_options(parser):
-    parser.add_argument("--targets", default="mnist_lenet5=1", help="model[:version]=weight,...; ping=weight")
-    parser.add_argument("--ts-config", default=str(settings.TS_CONFIG), help="TorchServe's config.properties")
-    parser.add_argument("--key-file", default=str(settings.KEY_FILE), help="TorchServe's key file; '' for none")
-    parser.add_argument("--think-ms", type=float, default=settings.THINK_TIME_MS)
-    parser.add_argument("--check-every", type=int, default=settings.CHECK_EVERY)
-    parser.add_argument("--max-error-rate", type=float, default=settings.MAX_ERROR_RATE)
-    parser.add_argument("--max-requests", type=int, default=settings.MAX_REQUESTS)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--load-spec", default="", help="the run's LoadSpec, as loadtest/run.py writes it "
+                        "(<out>/spec.json); default: LoadSpec()'s defaults, which need targets")
     parser.add_argument("--samples-csv", default="", help="write every request here at the end")
 
 
 @events.init.add_listener
 def prepare(environment, **_):
-    global traffic, recorder
-    opts = environment.parsed_options
-    if not environment.host:  # REST goes to the inference address of the server's config
-        environment.host = read_properties(opts.ts_config)["inference_address"]
-    targets = parse_targets(opts.targets)
+    global spec, traffic, recorder
+    spec = LoadSpec.read(environment.parsed_options.load_spec)
+    if not spec.targets:
+        raise ValueError("the LoadSpec names no targets: run through `python -m loadtest.run`, or give --load-spec")
+    if not environment.host:  # REST: the spec's host, else the inference address of the server's config
+        environment.host = spec.host or read_properties(spec.ts_config)["inference_address"]
     master = isinstance(environment.runner, MasterRunner)  # sends nothing itself: needs no images
-    pools = {} if master else {m: labeled_pool(m, Path(opts.data_dir)) for m in {t.model for t in targets} - {PING}}
-    traffic = Traffic(targets, pools, max(1, opts.check_every))
-    recorder = Recorder(environment, opts.max_requests)
+    pools = {} if master else {m: labeled_pool(m, spec.data_dir) for m in {t.model for t in spec.targets} - {PING}}
+    traffic = Traffic(spec.targets, pools, max(1, spec.check_every))
+    recorder = Recorder(environment, spec.max_requests)
     if isinstance(environment.runner, WorkerRunner):
         environment.events.report_to_master.add_listener(lambda client_id, data: recorder.ship(data))
     elif master:
@@ -221,7 +218,7 @@ def gate(environment, **_):
             loadgen["workers"] = workers
         (Path(opts.samples_csv).parent / "loadgen.json").write_text(json.dumps(loadgen))
     error_rate = total.num_failures / max(total.num_requests, 1)
-    problems = [f"error rate {error_rate:.2%} > {opts.max_error_rate:.2%}"] if error_rate > opts.max_error_rate else []
+    problems = [f"error rate {error_rate:.2%} > {spec.max_error_rate:.2%}"] if error_rate > spec.max_error_rate else []
     if traffic.mismatches:
         problems.append(f"{traffic.mismatches} checked responses disagree with the known label")
     if not total.num_requests:

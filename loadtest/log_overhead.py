@@ -10,40 +10,38 @@ more per user: requests the server answered (and logged) after Locust stopped wa
 """
 import argparse
 import csv
-import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from handlers.prediction_log import PredictionLog, url_for_run_dir
+import catalog  # noqa: F401 - puts handlers/ on sys.path, for prediction_table
+from loadtest.run import run_load
+from loadtest.servers import environment
+from loadtest.settings import LOG_OVERHEAD_DIR as RESULTS
+from loadtest.spec import LoadSpec, Target
+from prediction_table import PredictionTable, url_for_run_dir
 from serving import server
 
-RESULTS = Path(__file__).resolve().parent.parent / "results" / "log_overhead"
 MODEL = "mnist_lenet5=mnist_lenet5_v1.0.mar"
 
 
 def phase(logging_on: bool, users: int, duration: float, out: Path) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="logoverhead-"))
-    if logging_on:
-        os.environ.pop("PREDICTION_LOG_URL", None)  # the default: SQLite in the run folder
-    else:
-        os.environ["PREDICTION_LOG_URL"] = "off"
-    try:
-        server.start(run_dir, server.free_ports(), models=[MODEL])
-        subprocess.run([sys.executable, "-m", "loadtest.run", "--ts-config", str(run_dir / "config.properties"),
-                        "--key-file", str(run_dir / "key_file.json"), "--users", str(users),
-                        "--duration", str(duration), "--targets", "mnist_lenet5:1.0=1", "--out", str(out)],
-                       check=True, stdout=subprocess.DEVNULL)
-    finally:
-        server.stop(run_dir)
-        os.environ.pop("PREDICTION_LOG_URL", None)
-    summary = json.loads((out / "summary.json").read_text())["series"]["total"]
+    spec = LoadSpec(targets=(Target("mnist_lenet5", "1.0", 1),), users=users, duration=duration,
+                    ts_config=run_dir / "config.properties", key_file=str(run_dir / "key_file.json"))
+    with environment(PREDICTION_LOG_URL=None if logging_on else "off"):  # None: SQLite in the run folder
+        try:
+            server.start(run_dir, server.free_ports(), models=[MODEL])
+            code, _, summary = run_load(spec, out)
+        finally:
+            server.stop(run_dir)
+        logged = PredictionTable(url_for_run_dir(run_dir)).count(client="loadtest") if logging_on else None
+    if code:
+        sys.exit(f"the load test failed its checks: see {out / 'locust.log'}")
+    summary = summary["series"]["total"]
     with open(out / "samples.csv", newline="") as f:
         answered = sum(row["ok"] in ("1", "True", "true") for row in csv.DictReader(f))
-    logged = PredictionLog(url_for_run_dir(run_dir)).count(client="loadtest") if logging_on else None
     return {"log": "on" if logging_on else "off", "throughput_rps": summary["throughput_rps"],
             "p50_ms": summary["p50_ms"], "p99_ms": summary["p99_ms"], "answered": answered, "logged": logged}
 

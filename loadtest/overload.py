@@ -6,12 +6,13 @@
 TorchServe queues a model version's requests up to its jobQueueSize (models.yaml) and answers the
 rest 503 at once. A queue far longer than the workers can drain makes every accepted request wait:
 at 1,000 requests per second served, a full queue of 1,000 is a second of waiting. This starts the
-model alone once per queue size (its archive's copy with that jobQueueSize, as loadtest/bench.py
-does) and offers it --offered-rps for --duration seconds, open-loop as far as Locust allows: many
-users, each pausing --think-ms between requests, so that the rate offered hardly depends on how
-fast the server answers. Reported per queue size: the rate offered and answered, the share shed
-(503), p50/p99 of the accepted and of the shed requests. Writes results/overload/<time>/overload.md,
-overload.json and overload.png (latency of accepted requests over time).
+model alone once per queue size (its archive's copy with that jobQueueSize, as the benchmark does:
+loadtest/servers.py) and offers it --offered-rps for --duration seconds, open-loop as far as Locust
+allows: many users, each pausing --think-ms between requests, so that the rate offered hardly
+depends on how fast the server answers. Reported per queue size: the rate offered and answered, the
+share shed (503), p50/p99 of the accepted and of the shed requests. Writes
+results/overload/<time>/overload.md, overload.json and overload.png (latency of accepted requests
+over time).
 """
 import argparse
 import csv
@@ -28,11 +29,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from loadtest import settings  # noqa: E402
-from loadtest.bench import _machine, current_config, torchserve  # noqa: E402
-from loadtest.report import load_samples  # noqa: E402
-from loadtest.run import get_args_parser as load_args_parser, run_load  # noqa: E402
+from loadtest.report import load_samples, machine  # noqa: E402
+from loadtest.run import run_load  # noqa: E402
+from loadtest.servers import current_config, torchserve  # noqa: E402
+from loadtest.spec import LoadSpec, Target  # noqa: E402
 
-OVERLOAD_DIR = settings.ROOT / "results" / "overload"
 KNEE_RPS = {"cifar10_resnet18": 1082, "mnist_lenet5": 1982}  # BENCHMARKS.md: the knee (p99 <= 100 ms)
 OVERLOAD_FACTOR = 4
 THINK_MS = 250  # each user's pause; users = offered rate x pause, so the rate offered is set by the users
@@ -54,12 +55,9 @@ def measure(out: Path, model: str, queue_size: int, offered_rps: float, duration
                                  job_queue_size=queue_size)
     users = math.ceil(offered_rps * think_ms / 1000)
     with torchserve(out / "server", model, config) as ts_config:
-        args = load_args_parser().parse_args([
-            "--targets", f"{model}:{config.version}=1", "--users", str(users), "--spawn-rate", str(users),
-            "--think-ms", f"{think_ms:g}", "--duration", f"{duration:g}", "--warmup-s", str(settings.WARMUP_S),
-            "--max-error-rate", "1", "--ts-config", str(ts_config), "--key-file", str(ts_config.parent / "key_file.json"),
-            "--out", str(out / "load")])
-        run_load(args)
+        run_load(LoadSpec(targets=(Target(model, config.version, 1),), users=users, spawn_rate=users,
+                          think_ms=think_ms, duration=duration, max_error_rate=1, ts_config=ts_config,
+                          key_file=str(ts_config.parent / "key_file.json")), out / "load")
     samples = load_samples(out / "load" / "samples.csv")
     kept = samples["t_s"] >= settings.WARMUP_S
     seconds = float(samples["t_s"].max()) - settings.WARMUP_S
@@ -112,11 +110,11 @@ def get_args_parser():
 
 
 def main(args):
-    out = (args.out or OVERLOAD_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out = (args.out or settings.OVERLOAD_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()
     offered = args.offered_rps or OVERLOAD_FACTOR * KNEE_RPS[args.model]
     runs = [measure(out / f"queue_{q}", args.model, q, offered, args.duration, args.think_ms) for q in args.queue_sizes]
     result = {"model": args.model, "target_rps": offered, "factor": offered / KNEE_RPS[args.model],
-              "duration_s": args.duration, "machine": _machine(), "runs": runs}
+              "duration_s": args.duration, "machine": machine(), "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "overload.json").write_text(json.dumps(result, indent=1))
     (out / "overload.md").write_text(markdown(result))

@@ -1,12 +1,14 @@
-"""Summary of one load-test run from its samples.csv (every request, written by the locustfile):
-throughput, p50/p95/p99/max latency and error rate per protocol, model and version; for a step load,
-the same per step and the knee (the highest throughput whose p99 stays under the SLO).
+"""The reports: of one load-test run, from its samples.csv (every request, written by the
+locustfile): throughput, p50/p95/p99/max latency and error rate per protocol, model and version; for
+a step load, the same per step and the knee (the highest throughput whose p99 stays under the SLO).
+And of the serving benchmark (loadtest/bench.py): its tables (bench.md) and the sweep's plot.
 
     python -m loadtest.report results/loadtest/<run>      # writes summary.md, summary.json, latency.png
 """
 import argparse
 import csv
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +17,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from loadtest.settings import MAX_ERROR_RATE, SETTLE_S, SLO_P99_MS, WARMUP_S  # noqa: E402
+import catalog  # noqa: E402
+from loadtest.settings import MAX_ERROR_RATE, SETTLE_S, SLO_P99_MS, USERS, WARMUP_S  # noqa: E402
 
 PERCENTILES = {"p50_ms": 50, "p95_ms": 95, "p99_ms": 99}
 
@@ -144,6 +147,98 @@ def write_report(run_dir: Path, warmup_s: float = WARMUP_S, slo_ms: float = SLO_
     if len(samples["t_s"]):
         plot_latency(samples, run_dir / "latency.png", slo_ms)
     return summary
+
+
+# The serving benchmark's report (bench.json -> bench.md, sweep.png).
+def machine() -> str:
+    """The machine, for a report's heading."""
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{catalog.cpu_name()}, {os.cpu_count()} cores, {memory_gib:.0f} GiB"
+
+
+def ratio(numerator: dict | None, denominator: dict | None, key: str = "throughput_rps") -> float | None:
+    return round(numerator[key] / denominator[key], 2) if numerator and denominator else None
+
+
+def plot_sweep(results: dict, path: Path):
+    """Throughput (bars) and p99 (dots) of every sweep point, one panel per model."""
+    models = [m for m in results["sweep"] if results["sweep"][m]]
+    fig, axes = plt.subplots(len(models), 1, figsize=(11, 4 * len(models)), squeeze=False)
+    for ax, model in zip(axes[:, 0], models):
+        points = results["sweep"][model]
+        names = [p["name"] for p in points]
+        totals = [p["summary"]["series"]["total"] for p in points]
+        ax.bar(names, [t["throughput_rps"] for t in totals], color="tab:blue")
+        flask = results["baseline"][model]["series"]["total"]["throughput_rps"]
+        ax.axhline(flask, color="tab:red", ls="--", label=f"Flask baseline: {flask:.0f} req/s")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set_ylabel("req/s (bars)")
+        ax.set_title(f"{model}: {USERS} users, closed loop")
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        p99 = ax.twinx()
+        p99.plot(names, [t["p99_ms"] for t in totals], "o", color="black")
+        p99.set_ylabel("p99 ms (dots)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cells(row: dict, other_cores: float) -> str:
+    return (f"{row['throughput_rps']:.1f} | {row['p50_ms']} | {row['p99_ms']} | {row['failures']} | "
+            f"{other_cores:.2f}")
+
+
+def bench_markdown(results: dict) -> str:
+    """bench.md: every table of a benchmark run (loadtest/bench.py's bench.json)."""
+    lines = [f"# Serving benchmark {results['started']}", "", f"Prediction log: {results['prediction_log']}. "
+             f"Machine: {results['machine']}. {USERS} closed-loop users unless said otherwise. "
+             "`other cores`: CPU that other processes on the machine used during the run (contention).", ""]
+    for model, points in results["sweep"].items():
+        lines += [f"## Sweep: {model} ({results['sweep_s']:g} s per point)", "",
+                  "| setting | req/s | p50 ms | p99 ms | errors | other cores | queue ms | worker ms | "
+                  "outside frontend ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for p in points:
+            split = p["split"]
+            lines.append(f"| {p['name']} | {_cells(p['summary']['series']['total'], p['summary']['other_cores'])} | "
+                         f"{split['queue_ms']} | {split['worker_ms']} | {split['outside_frontend_ms']} |")
+        lines += [""] + [f"Tuned ({model}, {name}): {c['name']}" for name, c in results["tuned"][model].items()]
+        lines += [""]
+    lines += ["## Flask baseline by torch threads (0 = torch's default, one per core)", "",
+              "| run | req/s | p50 ms | p99 ms | errors | other cores |", "|---|---|---|---|---|---|"]
+    lines += [f"| {k} | {_cells(r['series']['total'], r['other_cores'])} |"
+              for k, r in results["baseline"]["threads"].items()]
+    lines += ["", "## Side by side", "",
+              "| server | model | req/s | p50 ms | p99 ms | errors | other cores | knee req/s (p99 ms, users) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in results["side_by_side"]:
+        k = row.get("knee")
+        knee = f"{k['throughput_rps']:.1f} ({k['p99_ms']}, {k['users']})" if k else "-"
+        lines.append(f"| {row['server']} | {row['model']} | {_cells(row, row['other_cores'])} | {knee} |")
+    lines += ["", "Ratios, TorchServe / Flask (p99: below 1 is better):", "",
+              "| model, TorchServe variant | req/s | p99 | knee req/s / Flask's knee | knee req/s / Flask at "
+              f"{USERS} users | req/s, prediction log off |", "|---|---|---|---|---|---|",
+              f"| /ping (HTTP floor) | {results['ratios']['ping']} | - | - | - | - |"]
+    lines += [f"| {name} | {r['throughput']} | {r['p99']} | {r['knee_throughput']} | {r['knee_vs_baseline_at_users']} | "
+              f"{r.get('throughput_log_off', '-')} |" for name, r in results["ratios"].items() if name != "ping"]
+    lines += ["", "## Where TorchServe's time goes (mean ms per request, tuned settings)", "",
+              "| server | model | client | outside frontend (HTTP, Netty, load generator) | queue | "
+              "worker (IPC + handler) |", "|---|---|---|---|---|---|"]
+    for r in results["side_by_side"]:
+        if "split" in r:
+            s = r["split"]
+            lines.append(f"| {r['server']} | {r['model']} | {s['client_mean_ms']} | {s['outside_frontend_ms']} | "
+                         f"{s['queue_ms']} | {s['worker_ms']} |")
+    lines += ["", "## CPU per request (ms, user + system, whole run; 2 cores = 2000 ms per second)", "",
+              "| server | model | load generator | frontend (Java) | workers (Python) | Flask app |",
+              "|---|---|---|---|---|---|"]
+    for r in results["side_by_side"]:
+        if "cpu" in r:
+            c = r["cpu"]
+            lines.append(f"| {r['server']} | {r['model']} | {c['load generator']} | {c.get('frontend', '-')} | "
+                         f"{c.get('workers', '-')} | {c.get('Flask app', '-')} |")
+    lines += ["", f"Model time in-process, one thread (ms): {json.dumps(results['model_time'])}", ""]
+    return "\n".join(lines)
 
 
 def get_args_parser():

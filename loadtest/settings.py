@@ -1,16 +1,20 @@
-"""Load-test and benchmark settings, in one place, with their units."""
+"""Load-test and benchmark settings, in one place, with their units. The project's paths are
+catalog.py's; a run's own options are loadtest/spec.py's LoadSpec, whose defaults are these."""
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import catalog
+
 # What the benchmark serves and the Flask baseline loads: the project's archives and exports, unless
 # these point elsewhere (e.g. archives built from a training checkpoint, to measure before training ends).
-MODEL_STORE = Path(os.environ.get("LOADTEST_MODEL_STORE", ROOT / "model_store"))
-EXPORT_DIR = Path(os.environ.get("LOADTEST_EXPORT_DIR", ROOT / "optimize" / "exported"))
-TS_CONFIG = ROOT / "config.properties"  # what `make serve` runs with
-KEY_FILE = ROOT / ".run" / "key_file.json"  # tokens of the server `make serve` started
-RESULTS_DIR = ROOT / "results" / "loadtest"  # git-ignored: one folder per run
-BENCH_DIR = ROOT / "results" / "bench"  # git-ignored: one folder per benchmark sweep
+MODEL_STORE = Path(os.environ.get("LOADTEST_MODEL_STORE") or catalog.STORE)
+EXPORT_DIR = Path(os.environ.get("LOADTEST_EXPORT_DIR") or catalog.EXPORT_DIR)
+# Where each tool writes, git-ignored: one folder per run (log_overhead.py: one folder, rewritten).
+RESULTS_DIR = catalog.RESULTS_DIR / "loadtest"
+BENCH_DIR = catalog.RESULTS_DIR / "bench"
+SOAK_DIR = catalog.RESULTS_DIR / "soak"
+OVERLOAD_DIR = catalog.RESULTS_DIR / "overload"
+LOG_OVERHEAD_DIR = catalog.RESULTS_DIR / "log_overhead"
 
 # Traffic. A target is "model[:version]=weight"; "ping=weight" requests /ping instead.
 MODEL_WEIGHTS = {"mnist_lenet5": 6, "mnist_alexnet": 2, "cifar10_resnet18": 2}  # share of traffic per model,

@@ -15,7 +15,6 @@ row per user more: requests still in flight when Locust stops), or a process gre
 """
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -28,12 +27,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from handlers.prediction_log import PredictionLog, url_for_run_dir  # noqa: E402
-from loadtest import run, settings  # noqa: E402
+import catalog  # noqa: E402,F401 - puts handlers/ on sys.path, for prediction_table
+from loadtest import settings  # noqa: E402
 from loadtest.report import load_samples  # noqa: E402
+from loadtest.run import run_load  # noqa: E402
+from loadtest.servers import environment  # noqa: E402
+from loadtest.spec import LoadSpec, format_targets  # noqa: E402
+from prediction_table import PredictionTable, url_for_run_dir  # noqa: E402
 from serving import server  # noqa: E402
 
-SOAK_DIR = settings.ROOT / "results" / "soak"
 MINUTES = 20  # `make soak`
 SAMPLE_S = 5  # seconds between memory samples
 WARMUP_FRACTION = 0.25  # first part of the run left out of the growth fit (JIT, heap, caches filling)
@@ -55,7 +57,7 @@ def processes(frontend: psutil.Process) -> dict[str, psutil.Process]:
 class Sampler(threading.Thread):
     """RSS of every server process and the log's row count, every `interval` seconds, until stopped."""
 
-    def __init__(self, frontend_pid: int, log: PredictionLog, interval: float):
+    def __init__(self, frontend_pid: int, log: PredictionTable, interval: float):
         super().__init__(daemon=True)
         self.frontend, self.log, self.interval = psutil.Process(frontend_pid), log, interval
         self.rows, self.pids, self.done = [], {}, threading.Event()
@@ -153,7 +155,7 @@ def markdown(result: dict, load: str) -> str:
              f"{result['answers']:,} answers at {result['throughput_rps']:,} req/s, p50 {result['p50_ms']} ms, "
              f"p99 {result['p99_ms']} ms; {result['failures']} failed, {result['wrong_labels']} wrong labels; "
              f"prediction log: {result['log_rows']:,} rows.", "",
-             f"| process | RSS after warm-up (MiB) | RSS at end (MiB) | fitted growth after warm-up | processes |",
+             "| process | RSS after warm-up (MiB) | RSS at end (MiB) | fitted growth after warm-up | processes |",
              "|---|---|---|---|---|"]
     lines += [f"| {n} | {p['rss_start_mb']} | {p['rss_end_mb']} | {p['growth']:+.1%} | {p['pids']} |"
               for n, p in result["processes"].items()]
@@ -171,22 +173,14 @@ def soak(out: Path, minutes: float, sample_s: float = SAMPLE_S) -> dict:
     run_dir.mkdir(parents=True)
     # No row limit for this server (its workers inherit this environment): the soak counts one row
     # per answer; retention is tested apart (tests/test_prediction_log.py).
-    before, os.environ["PREDICTION_LOG_MAX_ROWS"] = os.environ.get("PREDICTION_LOG_MAX_ROWS"), "0"
-    try:
+    with environment(PREDICTION_LOG_MAX_ROWS="0"):
         server.start(run_dir, server.free_ports())
-    finally:
-        if before is None:
-            del os.environ["PREDICTION_LOG_MAX_ROWS"]
-        else:
-            os.environ["PREDICTION_LOG_MAX_ROWS"] = before
     try:
-        sampler = Sampler(server.pid(run_dir), PredictionLog(url_for_run_dir(run_dir)), sample_s)
-        args = run.get_args_parser().parse_args([
-            "--protocol", "both", "--users", str(USERS), "--spawn-rate", str(USERS), "--think-ms", str(THINK_MS),
-            "--duration", f"{minutes * 60:g}", "--warmup-s", "0", "--out", str(out / "load"),
-            "--ts-config", str(run_dir / "config.properties"), "--key-file", str(run_dir / "key_file.json")])
+        sampler = Sampler(server.pid(run_dir), PredictionTable(url_for_run_dir(run_dir)), sample_s)
+        spec = LoadSpec(protocol="both", users=USERS, spawn_rate=USERS, think_ms=THINK_MS, duration=minutes * 60,
+                        warmup_s=0, ts_config=run_dir / "config.properties", key_file=str(run_dir / "key_file.json"))
         sampler.start()
-        code, _, load_summary = run.run_load(args)
+        code, _, load_summary = run_load(spec, out / "load")
         sampler.done.set()
         sampler.join()
         rows = sampler.log.count()
@@ -197,8 +191,9 @@ def soak(out: Path, minutes: float, sample_s: float = SAMPLE_S) -> dict:
     if code and not result["problems"]:
         result["problems"].append(f"the load test failed its checks (exit code {code}): see load/locust.log")
     (out / "soak.json").write_text(json.dumps(result, indent=1))
+    targets = format_targets(LoadSpec.read(out / "load" / "spec.json").targets)  # as run_load found them served
     (out / "soak.md").write_text(markdown(result, f"{USERS} users ({THINK_MS:g} ms think time), REST + gRPC, "
-                                                  f"targets {args.targets}"))
+                                                  f"targets {targets}"))
     plot(result, out / "soak.png")
     return result
 
@@ -212,7 +207,7 @@ def get_args_parser():
 
 
 def main(args):
-    out = args.out or SOAK_DIR / time.strftime("%Y%m%d-%H%M%S")
+    out = args.out or settings.SOAK_DIR / time.strftime("%Y%m%d-%H%M%S")
     result = soak(out, args.minutes, args.sample_s)
     print((out / "soak.md").read_text())
     print(f"results: {out}")

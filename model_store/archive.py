@@ -16,10 +16,12 @@ at start, sha256 of the source weights, the validated accuracy, delta and agreem
 A version in models.yaml is either `"1.1": onnx` (loaded at start) or
 `"1.3": {format: onnx_int8, load: false}`: archived, but left out of TorchServe's start-up set (each
 worker costs ~400 MB and start-up time); `python -m serving.modelctl register <archive>` serves it.
+
+`classifier(model, spec)` builds, in-process, the handlers' Classifier exactly as an archive of that
+version serves (the Flask baseline and the tests use it).
 """
 import argparse
 import functools
-import hashlib
 import json
 import shutil
 import subprocess
@@ -27,46 +29,29 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import yaml
 
+import catalog
+from catalog import CLASSES, MEAN, STD, VersionSpec, archive_name, dataset_of
 from optimize import validate
-from optimize.export import EXPORT_DIR
-from handlers.runtimes import TTA
-from optimize.formats import BUILDERS, FORMATS, built_format, is_built, serialized_path
-from training.data import CLASSES, DEFAULT_DATA_DIR, MEAN, STD, data_dir_arg
-from training.models import dataset_of
-from training.train import WEIGHTS_DIR
+from optimize.formats import BUILDERS, FORMATS, built_format, is_built, serialized_path, weights_sha256
+from classifier import Classifier
+from runtimes import TTA
+from training.data import data_dir_arg, handler_preprocessing
 
-STORE = Path(__file__).parent
-ROOT = STORE.parent
-HANDLERS = ROOT / "handlers"
-HANDLER_MODULES = ("base_classifier.py", "runtimes.py", "prediction_log.py", "explain.py")  # shipped beside every handler
-
-
-def load_settings(path=STORE / "models.yaml") -> dict:
-    return yaml.safe_load(Path(path).read_text())
-
-
-def archive_name(model: str, version: str) -> str:
-    return f"{model}_v{version}.mar"
-
-
-class VersionSpec(NamedTuple):
-    format: str
-    load: bool  # registered when TorchServe starts
-    tta: str | None  # test-time augmentation (handlers/runtimes.py TTA), or None
+HANDLER_MODULES = ("base_classifier.py", "classifier.py", "runtimes.py", "prediction_log.py", "prediction_table.py",
+                   "explain.py")  # shipped beside every handler
 
 
 def version_spec(value) -> VersionSpec:
-    """A version's value in models.yaml -> its VersionSpec."""
-    spec = {"format": value} if isinstance(value, str) else dict(value)
-    unknown = set(spec) - {"format", "load", "tta"}
-    if unknown or spec.get("format") not in FORMATS or spec.get("tta", None) not in (None, *TTA):
+    """A version's value in models.yaml -> its VersionSpec, its format and augmentation checked
+    against what can be built and served."""
+    spec = catalog.version_spec(value)
+    if spec.format not in FORMATS or spec.tta not in (None, *TTA):
         raise ValueError(f"bad version entry {value!r} in models.yaml: expected a format ({', '.join(FORMATS)}) "
                          f"or {{format: <format>, load: false, tta: <{'|'.join(TTA)}>}}")
-    return VersionSpec(spec["format"], bool(spec.get("load", True)), spec.get("tta"))
+    return spec
 
 
 def model_config(settings: dict, model: str, spec: VersionSpec) -> dict:
@@ -78,16 +63,27 @@ def model_config(settings: dict, model: str, spec: VersionSpec) -> dict:
     return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
 
 
+def classifier(model: str, spec: VersionSpec | str, path=None, threads: int | None = None) -> Classifier:
+    """`model` as its archive of `spec` (a VersionSpec, or a format name) serves it, in this process:
+    the same handler settings and preprocessing, over the serialized file of that format (or `path`),
+    with `threads` intra-op threads instead of the configured ones when given."""
+    spec = spec if isinstance(spec, VersionSpec) else version_spec(spec)
+    config = model_config(catalog.load_settings(), model, spec)["handler"]
+    if threads is not None:
+        config["threads"] = threads
+    return Classifier.load(config, path or serialized_path(model, spec.format), handler_preprocessing(dataset_of(model)))
+
+
 def temperature(model: str) -> float:
     """The handler divides the logits by this before the softmax: the T fitted on the validation split
     (training/calibrate.py, committed as <model>_calibration.json, so archives build without data).
     Figures of other weights would serve confidences nobody measured, so they stop the build."""
-    path, fix = WEIGHTS_DIR / f"{model}_calibration.json", f"python -m training.calibrate --model {model}"
+    path, fix = catalog.WEIGHTS_DIR / f"{model}_calibration.json", f"python -m training.calibrate --model {model}"
     if not path.exists():
         _note_uncalibrated(model, path, fix)
         return 1.0
     record = json.loads(path.read_text())
-    if record["weights_sha256"] != hashlib.sha256((WEIGHTS_DIR / f"{model}.pt").read_bytes()).hexdigest():
+    if record["weights_sha256"] != weights_sha256(model):
         raise SystemExit(f"error: {path.name} was fitted to other weights than {model}.pt: run `{fix}` "
                          "(needs the data sets)")
     return float(record["temperature"])
@@ -104,7 +100,7 @@ def build_isolated(model: str, fmt: str, data_dir):
     traced before, so only a fresh process writes the same bytes as the build that was validated."""
     data = ["--data-dir", str(data_dir)] if Path(data_dir).is_dir() else []  # else the committed ranges serve
     done = subprocess.run([sys.executable, "-m", "optimize.formats", "--model", model, "--formats", fmt, *data],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=catalog.ROOT, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise BuildFailed(f"building {fmt} failed: {last.removeprefix('error: ')}")
@@ -136,15 +132,14 @@ def build_archive(settings: dict, model: str, version: str, spec: VersionSpec, r
         config.write_text(yaml.safe_dump(model_config(settings, model, spec), sort_keys=False))
         subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
                         "--model-name", model, "--version", version, "--serialized-file", str(serialized),
-                        "--handler", str(HANDLERS / entry["handler"]),
-                        "--extra-files", ",".join(str(HANDLERS / f) for f in HANDLER_MODULES),
+                        "--handler", str(catalog.HANDLERS_DIR / entry["handler"]),
+                        "--extra-files", ",".join(str(catalog.HANDLERS_DIR / f) for f in HANDLER_MODULES),
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
-        shutil.move(Path(tmp) / f"{model}.mar", STORE / archive_name(model, version))
-    weights = WEIGHTS_DIR / f"{model}.pt"
+        shutil.move(Path(tmp) / f"{model}.mar", catalog.STORE / archive_name(model, version))
     return dict(model=model, version=version, format=spec.format, tta=spec.tta,
                 precision=FORMATS[spec.format].precision, archive=archive_name(model, version),
                 default=version == entry["default"], load_at_start=spec.load,
-                weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+                weights_sha256=weights_sha256(model),
                 test_accuracy=record["accuracy"], fp32_test_accuracy=record["fp32_accuracy"],
                 accuracy_delta_points=record["accuracy_delta_points"], top1_agreement=record["top1_agreement"],
                 agreement_images=record["agreement_images"], validated=record["validated"],
@@ -152,15 +147,14 @@ def build_archive(settings: dict, model: str, version: str, spec: VersionSpec, r
 
 
 def main(args):
-    settings = load_settings()
+    settings = catalog.load_settings()
     models = args.models or list(settings["models"])
-    manifest_path = STORE / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else []
+    manifest = list(catalog.read_manifest().values())
     for model in models:
         if model not in settings["models"]:
             sys.exit(f"error: {model!r} is not in model_store/models.yaml")
-        if not (EXPORT_DIR / model).exists():
-            print(f"skip {model}: no export in {EXPORT_DIR / model} (no shipped weights yet?)")
+        if not (catalog.EXPORT_DIR / model).exists():
+            print(f"skip {model}: no export in {catalog.EXPORT_DIR / model} (no shipped weights yet?)")
             continue
         for version, value in settings["models"][model]["versions"].items():
             spec = version_spec(value)
@@ -168,7 +162,7 @@ def main(args):
             manifest = [m for m in manifest if (m["model"], m["version"]) != (model, version)]
             record, refused = admission(model, spec, args.data_dir)
             if refused:
-                (STORE / archive_name(model, version)).unlink(missing_ok=True)  # never serve a stale archive
+                (catalog.STORE / archive_name(model, version)).unlink(missing_ok=True)  # never serve a stale archive
                 verdict = "refused" if refused.startswith("loses") else "skipped"  # failed, or not checkable here
                 print(f"{verdict} {model} {version} ({variant}): {refused}", file=sys.stderr)
                 continue
@@ -176,7 +170,7 @@ def main(args):
             print(f"archived {archive_name(model, version)} ({variant}: {100 * record['accuracy']:.2f}%, "
                   f"{record['accuracy_delta_points']:+.2f} points vs fp32)"
                   f"{'' if spec.load else ', not loaded at start'}")
-    manifest_path.write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
+    catalog.manifest_path().write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
     summarize(settings, models, manifest)
 
 
@@ -185,7 +179,7 @@ def summarize(settings: dict, models: list[str], manifest: list[dict]):
     empty = []
     for model in models:
         entry, archived = settings["models"][model], [m["version"] for m in manifest if m["model"] == model]
-        if not (EXPORT_DIR / model).exists():
+        if not (catalog.EXPORT_DIR / model).exists():
             continue  # no shipped weights yet: said above, not an error
         if not archived:
             empty.append(model)
@@ -200,7 +194,7 @@ def summarize(settings: dict, models: list[str], manifest: list[dict]):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="*", help="model names (default: all in models.yaml)")
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=data_dir_arg, default=catalog.DATA_DIR,
                    help="test split for validating a format no committed record describes, training images "
                         "for INT8 calibration when its committed ranges are stale (default: $DATA_DIR or "
                         "../shared/data; a checkout without it archives what the committed records cover)")

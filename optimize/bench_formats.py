@@ -34,13 +34,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from handlers.runtimes import load_runtime
-from optimize.export import EXPORT_DIR
-from optimize.formats import FORMATS, cpu_flags, serialized_path
+import catalog
+from catalog import INPUT_SHAPE, MODEL_DATASETS, cpu_flags, cpu_name, dataset_of
+from optimize.formats import FORMATS, serialized_path
 from optimize.validate import load_records
-from training.data import INPUT_SHAPE
-from training.models import MODELS, build_model, dataset_of
-from training.train import cpu_name
+from runtimes import load_runtime
+from training.models import build_model
 
 BATCH_SIZES = (1, 8, 32, 64)
 FULL = {"warmup_calls": 5, "repeats": 7, "repeat_seconds": 0.5}
@@ -229,7 +228,7 @@ def cpu_formats(model: str) -> list[str]:
 def main(args):
     protocol = QUICK if args.quick else FULL
     torch.set_num_threads(args.threads)
-    models = args.models or [m for m in MODELS if (EXPORT_DIR / m).exists()]
+    models = args.models or [m for m in MODEL_DATASETS if (catalog.EXPORT_DIR / m).exists()]
     cores = min(args.threads, len(os.sched_getaffinity(0)))
     nominal, measured = nominal_clock_ghz(), measured_clock_ghz()
     clock = args.clock_ghz or max(nominal, measured or 0)  # the higher clock: peaks are upper bounds
@@ -259,7 +258,7 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: every model with an export")
+    p.add_argument("--models", nargs="+", choices=list(MODEL_DATASETS), help="default: every model with an export")
     p.add_argument("--formats", nargs="+", choices=[f for f, s in FORMATS.items() if s.device == "cpu"],
                    help="default: every CPU format built for the model")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))

@@ -18,15 +18,15 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from training.data import DEFAULT_DATA_DIR, DataMissing, INPUT_SHAPE, data_dir_arg, test_dataset
-from training.models import MODELS, dataset_of, load_weights
-from training.train import WEIGHTS_DIR
+import catalog
+from catalog import INPUT_SHAPE, MODEL_DATASETS, dataset_of
+from training.data import DataMissing, data_dir_arg, test_dataset
+from training.models import load_weights
 
 # TorchScript is deprecated in torch 2.14 in favour of torch.export, but it is still what TorchServe's
 # workers load without a compiler toolchain; the ONNX file is the forward-looking format.
 warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
 
-EXPORT_DIR = Path(__file__).parent / "exported"
 TOLERANCE = 1e-3  # max |logit difference| accepted between an export and eager fp32
 
 
@@ -65,13 +65,13 @@ def max_difference(reference, run, inputs) -> float:
 
 
 def main(args):
-    weights = WEIGHTS_DIR / f"{args.model}.pt"
+    weights = catalog.weights_path(args.model)
     if not weights.exists():
         sys.exit(f"error: no shipped weights at {weights}: train with `python -m training.train "
                  f"--model {args.model} --ship` first")
     model = load_weights(args.model, weights)
     inputs, described = check_inputs(dataset_of(args.model), args.data_dir)
-    out = Path(args.output_dir or EXPORT_DIR / args.model)
+    out = Path(args.output_dir or catalog.EXPORT_DIR / args.model)
     out.mkdir(parents=True, exist_ok=True)
 
     def eager(x):
@@ -106,8 +106,8 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(MODELS))
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+    p.add_argument("--model", required=True, choices=sorted(MODEL_DATASETS))
+    p.add_argument("--data-dir", type=data_dir_arg, default=catalog.DATA_DIR,
                    help="parity is checked on its first test images; on random tensors without it")
     p.add_argument("--output-dir", help="default optimize/exported/<model>")
     return p

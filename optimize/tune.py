@@ -22,23 +22,22 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from handlers.runtimes import load_runtime
-from model_store.archive import STORE, load_settings, model_config, version_spec
+import catalog
+from catalog import INPUT_SHAPE, ISA_FLAGS, cpu_isa, cpu_name, dataset_of
+from model_store.archive import model_config
 from optimize.bench_formats import FULL, QUICK, measure
-from optimize.formats import FORMATS, ISA_FLAGS, cpu_isa, serialized_path
-from training.data import INPUT_SHAPE
-from training.models import dataset_of
-from training.train import cpu_name
+from optimize.formats import FORMATS, serialized_path
+from runtimes import load_runtime
 
-TUNED = STORE / "tuned.json"
-REPORT = Path("results/tune.md")
+TUNED = catalog.STORE / "tuned.json"
+REPORT = catalog.RESULTS_DIR / "tune.md"
 def machine() -> dict:
     return {"cpu": cpu_name(), "flags": cpu_isa()}
 
 
 def served_shape(settings: dict, model: str) -> tuple[int, int]:
     """(batch size, threads) of a worker of `model`, from models.yaml."""
-    config = model_config(settings, model, version_spec("onnx"))  # what an archive's model-config.yaml says
+    config = model_config(settings, model, catalog.version_spec("onnx"))  # what an archive's model-config.yaml says
     return int(config["batchSize"]), int(config["handler"]["threads"])
 
 
@@ -85,8 +84,8 @@ def markdown(result: dict) -> str:
 
 
 def main(args):
-    settings = load_settings()
-    manifest = json.loads((STORE / "manifest.json").read_text())
+    settings = catalog.load_settings()
+    manifest = list(catalog.read_manifest().values())
     models = args.models or list(dict.fromkeys(m["model"] for m in manifest))
     protocol = QUICK if args.quick else FULL
     result = {"machine": machine(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "protocol": protocol,

@@ -27,11 +27,12 @@ import onnxruntime
 import torch
 from tqdm import tqdm
 
-from handlers.runtimes import TTA, load_runtime
+import catalog
+from catalog import MODEL_DATASETS, cpu_name, dataset_of
 from optimize.formats import FORMATS, serialized_path, weights_sha256
-from training.data import DEFAULT_DATA_DIR, DataMissing, data_dir_arg, has_dataset, load_split, normalize
-from training.models import MODELS, dataset_of, load_weights
-from training.train import WEIGHTS_DIR, cpu_name
+from runtimes import TTA, load_runtime
+from training.data import DataMissing, data_dir_arg, has_dataset, load_split, normalize
+from training.models import load_weights
 
 MAX_ACCURACY_LOSS = 0.3  # points of test accuracy a format may lose against eager fp32 and still be archived
 AGREEMENT_IMAGES = 1000  # first test images on which top-1 agreement with eager fp32 is reported
@@ -47,7 +48,7 @@ class NoMatchingRecord(FileNotFoundError):
 
 
 def records_path(model: str) -> Path:
-    return WEIGHTS_DIR / f"{model}_formats.json"
+    return catalog.WEIGHTS_DIR / f"{model}_formats.json"
 
 
 def load_records(model: str) -> dict:
@@ -72,7 +73,7 @@ def logits(run, images: np.ndarray, desc: str) -> np.ndarray:
 @functools.cache
 def fp32_reference(model: str, data_dir: str) -> np.ndarray:
     """Eager fp32 PyTorch logits on the test split: what every format is compared with."""
-    net = load_weights(model, WEIGHTS_DIR / f"{model}.pt")
+    net = load_weights(model, catalog.weights_path(model))
 
     def run(batch):
         with torch.inference_mode():
@@ -244,9 +245,9 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, choices=sorted(MODELS))
+    p.add_argument("--model", required=True, choices=sorted(MODEL_DATASETS))
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), help="default: every format built for the model")
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=data_dir_arg, default=catalog.DATA_DIR)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     return p
 

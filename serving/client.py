@@ -11,7 +11,8 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+import catalog
+
 log = logging.getLogger(__name__)
 REREAD_S = 0.1  # pause before reading a key file caught mid-rewrite again
 # Pauses before retrying a prediction TorchServe shed (its queue full: 503 "has no worker to serve"):
@@ -86,12 +87,12 @@ class TorchServeClient:
         self._keys = {}  # kind -> key, see _key
 
     @classmethod
-    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0,
+    def from_config(cls, config=catalog.TS_CONFIG, key_file=None, timeout: float = 10.0,
                     client_name: str = "api"):
         props = read_properties(config)
         return cls(os.environ.get("TS_INFERENCE_URL", props["inference_address"]),
                    os.environ.get("TS_MANAGEMENT_URL", props["management_address"]),
-                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
+                   key_file or os.environ.get("TS_KEY_FILE", catalog.KEY_FILE), timeout, client_name)
 
     def _key(self, kind: str, refused: str | None = None) -> str:
         """The `kind` key this client holds: read from the key file when first needed, and again after

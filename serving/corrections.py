@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from handlers.prediction_log import PredictionLog, decode_pixels, url_for_run_dir
-from serving.server import RUN_DIR
+import catalog
+from prediction_table import PredictionTable, decode_pixels, url_for_run_dir
 
 
-def export_corrections(log: PredictionLog, model: str, out: Path):
+def export_corrections(log: PredictionTable, model: str, out: Path):
     rows = log.corrections(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,9 +40,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--log-url", default=url_for_run_dir(RUN_DIR), help="default $PREDICTION_LOG_URL or .run/predictions.db")
+    p.add_argument("--log-url", default=url_for_run_dir(catalog.RUN_DIR), help="default $PREDICTION_LOG_URL or .run/predictions.db")
     args = p.parse_args(argv)
-    images, labels = export_corrections(PredictionLog(args.log_url), args.model, Path(args.out))
+    images, labels = export_corrections(PredictionTable(args.log_url), args.model, Path(args.out))
     if not len(labels):
         sys.exit(f"error: no corrected predictions of {args.model} in the log")
     print(f"exported {len(labels)} corrected samples of {args.model} to {args.out}")

@@ -13,7 +13,8 @@ import ts
 from google.rpc import status_pb2
 from grpc_tools import protoc
 
-ROOT = Path(__file__).resolve().parent.parent
+import catalog
+
 STUBS = Path(__file__).resolve().parent / "grpc_stubs"
 PROTOS = ("inference.proto", "management.proto")
 
@@ -27,8 +28,8 @@ def main():
     googleapis = Path(status_pb2.__file__).parent.parent.parent  # holds google/rpc/status.proto
     well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/empty.proto
     # Paths relative to the repository root make the generated imports `from serving.grpc_stubs import ...`.
-    args = ["protoc", f"-I{ROOT}", f"-I{googleapis}", f"-I{well_known}",
-            f"--python_out={ROOT}", f"--grpc_python_out={ROOT}"] + [str(STUBS / p) for p in PROTOS]
+    args = ["protoc", f"-I{catalog.ROOT}", f"-I{googleapis}", f"-I{well_known}",
+            f"--python_out={catalog.ROOT}", f"--grpc_python_out={catalog.ROOT}"] + [str(STUBS / p) for p in PROTOS]
     if protoc.main(args) != 0:
         raise SystemExit("error: protoc failed on TorchServe's .proto files")
     print(f"gRPC stubs written to {STUBS}")

@@ -10,7 +10,8 @@ import os
 import grpc
 from google.protobuf import empty_pb2
 
-from serving.client import ROOT, ServeError, read_key, read_properties
+import catalog
+from serving.client import ServeError, read_key, read_properties
 
 try:
     from serving.grpc_stubs import inference_pb2, inference_pb2_grpc, management_pb2, management_pb2_grpc
@@ -33,14 +34,14 @@ class GrpcClient:
         self.management = management_pb2_grpc.ManagementAPIsServiceStub(grpc.insecure_channel(management_target))
 
     @classmethod
-    def from_config(cls, config=ROOT / "config.properties", key_file=None, timeout: float = 10.0,
+    def from_config(cls, config=catalog.TS_CONFIG, key_file=None, timeout: float = 10.0,
                     client_name: str = "api"):
         props = read_properties(config)
         host = props.get("grpc_inference_address", "127.0.0.1")
         return cls(os.environ.get("TS_GRPC_INFERENCE", f"{host}:{props['grpc_inference_port']}"),
                    os.environ.get("TS_GRPC_MANAGEMENT",
                                   f"{props.get('grpc_management_address', host)}:{props['grpc_management_port']}"),
-                   key_file or os.environ.get("TS_KEY_FILE", ROOT / ".run" / "key_file.json"), timeout, client_name)
+                   key_file or os.environ.get("TS_KEY_FILE", catalog.KEY_FILE), timeout, client_name)
 
     def _key(self, kind: str, refused: str | None = None) -> str:
         """As TorchServeClient._key: the key held, read when first needed and again after a refusal."""

@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from serving.client import ROOT, ServeError, read_keys, read_properties
+import catalog
+from serving.client import ServeError, read_keys, read_properties
 
 REFRESH_FRACTION = 0.5  # renew a key when this fraction of its lifetime has passed
 POLL_S = 2  # how often the refresher looks for its server (and for the key file while it starts)
@@ -89,7 +90,7 @@ def start_refresher(run_dir: Path, server_pid: int):
     """Start the refresher of the server run from run_dir as a detached process; its pid goes to PID_FILE."""
     with open(run_dir / "logs" / "keys.log", "a") as out:
         process = subprocess.Popen([sys.executable, "-m", "serving.keys", str(run_dir), "--server-pid", str(server_pid)],
-                                   cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   cwd=catalog.ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # not in the terminal's group: Ctrl-C there leaves it
     (run_dir / PID_FILE).write_text(str(process.pid))
 

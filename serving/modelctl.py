@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from model_store.archive import STORE
+import catalog
 from serving.client import ServeError, TorchServeClient
 
 
@@ -30,12 +30,6 @@ def table(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
     return "\n".join(lines)
-
-
-def manifest() -> dict:
-    path = STORE / "manifest.json"
-    entries = json.loads(path.read_text()) if path.exists() else []
-    return {(m["model"], m["version"]): m for m in entries}
 
 
 class History:
@@ -64,7 +58,7 @@ class History:
 def live_versions(client, model: str) -> list[dict]:
     described = client.describe(model, "all")
     default = client.default_version(model)
-    known = manifest()
+    known = catalog.read_manifest()
     return [{"model": model, "version": v["modelVersion"], "default": v["modelVersion"] == default,
              "format": known.get((model, v["modelVersion"]), {}).get("format", "?"),
              "workers": f"{sum(w['status'] == 'READY' for w in v['workers'])}/{len(v['workers'])} ready",
@@ -87,7 +81,7 @@ def cmd_list(client, args):
             raise
         print(f"note: {e.message}; showing the model store only", file=sys.stderr)
     rows = []
-    for (model, version), m in sorted(manifest().items()):
+    for (model, version), m in sorted(catalog.read_manifest().items()):
         state = live.pop((model, version), None)
         rows.append({"model": model, "version": version, "format": m["format"], "archive": m["archive"],
                      "live": "default" if state and state["default"] else ("yes" if state else "no"),
@@ -105,10 +99,10 @@ def cmd_describe(client, args):
 
 def cmd_register(client, args):
     archive = Path(args.archive)
-    if archive.name != args.archive and archive.resolve().parent != STORE.resolve():
-        raise ServeError(400, f"only archives in {STORE} can be registered, not {args.archive}")
-    if not (STORE / archive.name).exists():
-        raise ServeError(404, f"no archive {archive.name} in {STORE}: build it with `make archive`")
+    if archive.name != args.archive and archive.resolve().parent != catalog.STORE.resolve():
+        raise ServeError(400, f"only archives in {catalog.STORE} can be registered, not {args.archive}")
+    if not (catalog.STORE / archive.name).exists():
+        raise ServeError(404, f"no archive {archive.name} in {catalog.STORE}: build it with `make archive`")
     return client.register(archive.name, args.workers)
 
 

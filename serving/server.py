@@ -23,14 +23,12 @@ from urllib.parse import urlsplit
 
 import requests
 
-from handlers.prediction_log import spool_dir_for_run_dir, url_for_run_dir
-from model_store.archive import STORE, archive_name, load_settings, version_spec
+import catalog
+from catalog import archive_name
+from prediction_table import spool_dir_for_run_dir, url_for_run_dir
 from serving import keys
 from serving.client import TorchServeClient, read_properties
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN_DIR = ROOT / ".run"
-CONFIG = ROOT / "config.properties"
 LOG_CONFIG = Path(__file__).resolve().parent / "log4j2.xml"
 TORCHSERVE = Path(sys.executable).parent / "torchserve"
 
@@ -39,7 +37,7 @@ def write_config(run_dir: Path, store: Path, overrides: dict | None = None) -> P
     """config.properties with `overrides` applied (other ports for tests) and the model store's
     absolute path filled in, written into run_dir."""
     lines, overrides = [], dict(overrides or {})
-    for line in CONFIG.read_text().replace("${MODEL_STORE}", str(Path(store).resolve())).splitlines():
+    for line in catalog.TS_CONFIG.read_text().replace("${MODEL_STORE}", str(Path(store).resolve())).splitlines():
         key = line.split("=", 1)[0].strip()
         lines.append(f"{key}={overrides.pop(key)}" if key in overrides and not line.startswith("#") else line)
     lines += [f"{k}={v}" for k, v in overrides.items()]
@@ -63,16 +61,17 @@ def free_ports() -> dict:
             "grpc_inference_port": free_port(), "grpc_management_port": free_port()}
 
 
-def startup_models(store: Path = STORE) -> list[str]:
+def startup_models(store: Path | None = None) -> list[str]:
     """`name=archive` for every archived version not marked `load: false` in models.yaml, each model's
     default version first (TorchServe makes the first version it loads the default). The others are
     registered on demand: `python -m serving.modelctl register <archive>`. A model none of whose
     start-up versions is archived (e.g. built without the data sets) starts with its first archived one."""
-    settings, models = load_settings(), []
+    settings, models, store = catalog.load_settings(), [], Path(store or catalog.STORE)
     for model, entry in settings["models"].items():
-        versions = sorted(entry["versions"], key=lambda v: v != entry["default"])
+        specs = catalog.versions(settings, model)
+        versions = sorted(specs, key=lambda v: v != entry["default"])
         archived = [v for v in versions if (store / archive_name(model, v)).exists()]
-        started = [v for v in archived if version_spec(entry["versions"][v]).load] or archived[:1]
+        started = [v for v in archived if specs[v].load] or archived[:1]
         models += [f"{model}={archive_name(model, v)}" for v in started]
     return models
 
@@ -130,10 +129,10 @@ def check_ports_free(config: Path):
                                  "TorchServe (`make stop`) or another program holds it") from None
 
 
-def start(run_dir: Path = RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,
-          store: Path = STORE, timeout: float = 240) -> TorchServeClient:
+def start(run_dir: Path = catalog.RUN_DIR, overrides: dict | None = None, models: list[str] | None = None,
+          store: Path | None = None, timeout: float = 240) -> TorchServeClient:
     """Start TorchServe in the background and wait until every model has a ready worker."""
-    run_dir = Path(run_dir).resolve()
+    run_dir, store = Path(run_dir).resolve(), Path(store or catalog.STORE)
     if pid(run_dir) is not None:
         raise StartError(f"TorchServe already runs from {run_dir} (pid {pid(run_dir)}): `make stop` first")
     models = startup_models(store) if models is None else models
@@ -182,7 +181,7 @@ def wait_ready(client: "TorchServeClient", models: set, timeout: float, run_dir:
     raise StartError(f"TorchServe not ready after {timeout:.0f}s; see {run_dir / 'logs'}")
 
 
-def pid(run_dir: Path = RUN_DIR) -> int | None:
+def pid(run_dir: Path = catalog.RUN_DIR) -> int | None:
     path = Path(run_dir) / ".model_server.pid"
     if not path.exists():
         return None
@@ -196,7 +195,7 @@ def pid(run_dir: Path = RUN_DIR) -> int | None:
         return None
 
 
-def stop(run_dir: Path = RUN_DIR, timeout: float = 60):
+def stop(run_dir: Path = catalog.RUN_DIR, timeout: float = 60):
     """Stop the frontend; its shutdown ends the Python workers. Waits until the process is gone."""
     run_dir = Path(run_dir).resolve()
     keys.stop_refresher(run_dir)  # first, and also when the server has already gone
@@ -221,11 +220,11 @@ def main():
             client = start()
         except StartError as e:
             sys.exit(f"error: {e}")
-        props = read_properties(CONFIG)
+        props = read_properties(catalog.TS_CONFIG)
         print(f"TorchServe is up: inference {props['inference_address']}, management "
               f"{props['management_address']}, metrics {props['metrics_address']}, gRPC "
               f"{props['grpc_inference_address']}:{props['grpc_inference_port']}")
-        print(f"tokens: {RUN_DIR / 'key_file.json'}; logs: {RUN_DIR / 'logs'}")
+        print(f"tokens: {catalog.RUN_DIR / 'key_file.json'}; logs: {catalog.RUN_DIR / 'logs'}")
         for model in client.models():
             print(f"  {model}: versions {', '.join(v['modelVersion'] for v in client.describe(model))}")
     elif action == "stop":

@@ -1,12 +1,10 @@
 """Shared fixtures: paths, the real data sets (skipped when absent), drawn digits, a live TorchServe."""
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "handlers")]  # handlers import each other as shipped in the .mar
-from training.data import DEFAULT_DATA_DIR as DATA_DIR, has_dataset  # noqa: E402
+import catalog  # also puts handlers/ on sys.path: the handler modules are imported by file name
+from catalog import DATA_DIR, ROOT
+from training.data import has_dataset
+
 ARTIFACTS = ROOT / "tests" / "artifacts"
 KINDS = ("integration", "browser", "slow")  # pytest.ini; a test marked with none of them is a unit test
 
@@ -33,8 +31,7 @@ def mnist_test():
 
 def shipped(model: str):
     """The model's committed weights, or a skip while they are not trained yet."""
-    from training.train import WEIGHTS_DIR
-    weights = WEIGHTS_DIR / f"{model}.pt"
+    weights = catalog.weights_path(model)
     if not weights.exists():
         pytest.skip(f"{model} has no shipped weights yet (training/weights/{model}.pt)")
     return weights

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
+import catalog
 from model_store import archive
 from optimize import formats, validate
 from training import calibrate
-from training.train import WEIGHTS_DIR
 
 MODEL = "mnist_lenet5"
 
@@ -65,7 +65,7 @@ CARD = "# Model card: m\n\n| | |\n|---|---|\n\n![training curves](m_curves.png)\
 
 
 def test_card_section_is_added_once_and_replaced_in_place():
-    record = json.loads((WEIGHTS_DIR / f"{MODEL}_calibration.json").read_text())
+    record = json.loads((catalog.WEIGHTS_DIR / f"{MODEL}_calibration.json").read_text())
     section = calibrate.card_section(record)
     once = calibrate.replace_section(CARD, section)
     assert once.startswith(CARD) and once.count("## Calibration") == 1
@@ -79,16 +79,16 @@ def test_card_section_is_added_once_and_replaced_in_place():
 @pytest.mark.parametrize("model", ["mnist_lenet5", "mnist_alexnet", "cifar10_resnet18"])
 def test_committed_calibration_matches_the_committed_weights(model):
     """A re-training that forgot `python -m training.calibrate` would fail every archive build."""
-    record = json.loads((WEIGHTS_DIR / f"{model}_calibration.json").read_text())
-    assert record["weights_sha256"] == hashlib.sha256((WEIGHTS_DIR / f"{model}.pt").read_bytes()).hexdigest()
+    record = json.loads((catalog.WEIGHTS_DIR / f"{model}_calibration.json").read_text())
+    assert record["weights_sha256"] == hashlib.sha256(catalog.weights_path(model).read_bytes()).hexdigest()
     assert record["test_ece_after"] <= record["test_ece_before"] + 0.002
     assert record["val_nll_after"] <= record["val_nll_before"]
-    assert "## Calibration" in (WEIGHTS_DIR / f"{model}.md").read_text()
+    assert "## Calibration" in (catalog.WEIGHTS_DIR / f"{model}.md").read_text()
 
 
 def test_model_config_carries_the_committed_temperature():
-    committed = json.loads((WEIGHTS_DIR / f"{MODEL}_calibration.json").read_text())["temperature"]
-    config = archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))
+    committed = json.loads((catalog.WEIGHTS_DIR / f"{MODEL}_calibration.json").read_text())["temperature"]
+    config = archive.model_config(catalog.load_settings(), MODEL, archive.version_spec("onnx"))
     assert config["handler"]["temperature"] == committed != 1.0
 
 
@@ -96,10 +96,10 @@ def test_the_archive_ships_the_temperature_in_its_model_config(tmp_path, monkeyp
     """The .mar itself, as TorchServe reads it, not only the dict."""
     if not formats.serialized_path(MODEL, "torchscript").exists():
         pytest.skip("no TorchScript export here (make export)")
-    monkeypatch.setattr(archive, "STORE", tmp_path)
+    monkeypatch.setattr(catalog, "STORE", tmp_path)
     record = validate.load_records(MODEL)["formats"]["torchscript"]
-    archive.build_archive(archive.load_settings(), MODEL, "9.9", archive.VersionSpec("torchscript", False, None), record)
-    with zipfile.ZipFile(tmp_path / archive.archive_name(MODEL, "9.9")) as mar:
+    archive.build_archive(catalog.load_settings(), MODEL, "9.9", catalog.VersionSpec("torchscript", False, None), record)
+    with zipfile.ZipFile(tmp_path / catalog.archive_name(MODEL, "9.9")) as mar:
         config = yaml.safe_load(mar.read("model-config.yaml"))
     assert config["handler"]["temperature"] == archive.temperature(MODEL)
 
@@ -108,19 +108,19 @@ def weights_beside(tmp_path, monkeypatch, weights: bytes, calibration: bool = Tr
     """A weights folder of its own: `weights` as the model's .pt, the committed calibration beside it."""
     (tmp_path / f"{MODEL}.pt").write_bytes(weights)
     if calibration:
-        shutil.copy(WEIGHTS_DIR / f"{MODEL}_calibration.json", tmp_path)
-    monkeypatch.setattr(archive, "WEIGHTS_DIR", tmp_path)
+        shutil.copy(catalog.WEIGHTS_DIR / f"{MODEL}_calibration.json", tmp_path)
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path)
 
 
 def test_calibration_of_other_weights_stops_the_build_and_names_the_fix(tmp_path, monkeypatch):
     weights_beside(tmp_path, monkeypatch, b"re-trained weights")
     with pytest.raises(SystemExit, match=f"other weights .*python -m training.calibrate --model {MODEL}"):
-        archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))
+        archive.model_config(catalog.load_settings(), MODEL, archive.version_spec("onnx"))
 
 
 def test_a_model_without_calibration_is_served_at_temperature_one_with_a_note(tmp_path, monkeypatch, capsys):
-    weights_beside(tmp_path, monkeypatch, (WEIGHTS_DIR / f"{MODEL}.pt").read_bytes(), calibration=False)
-    assert archive.model_config(archive.load_settings(), MODEL, archive.version_spec("onnx"))["handler"]["temperature"] == 1.0
+    weights_beside(tmp_path, monkeypatch, catalog.weights_path(MODEL).read_bytes(), calibration=False)
+    assert archive.model_config(catalog.load_settings(), MODEL, archive.version_spec("onnx"))["handler"]["temperature"] == 1.0
     assert f"python -m training.calibrate --model {MODEL}" in capsys.readouterr().err
 
 

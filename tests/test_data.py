@@ -62,7 +62,7 @@ def test_real_cifar10_test_split(cifar_test):
 
 
 def test_validation_split_is_disjoint_and_seeded(mnist_test):
-    from tests.conftest import DATA_DIR
+    from catalog import DATA_DIR
     train, val = train_val_datasets("mnist", DATA_DIR, val_size=5000, seed=0)
     assert len(train) == 55000 and len(val) == 5000
     again = train_val_datasets("mnist", DATA_DIR, val_size=5000, seed=0)[1]

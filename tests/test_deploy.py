@@ -179,15 +179,15 @@ def nginx_log() -> list[str]:
 
 
 def test_a_replica_killed_under_load_fails_no_request_and_comes_back(stack, tmp_path):
-    from loadtest.run import get_args_parser, run_load
+    from loadtest.run import get_args_parser, run_load, spec_of
     rows_before = int(psql("SELECT count(*) FROM predictions WHERE client = 'loadtest'") or 0)
     lines_before = len(nginx_log())
     args = get_args_parser().parse_args([
         "--host", stack.url, "--key-file", str(stack.keys_file), "--targets", TARGETS, "--protocol", "rest",
         "--users", str(USERS), "--spawn-rate", str(USERS), "--duration", str(LOAD_S), "--warmup-s", "0",
-        "--check-every", "5", "--max-error-rate", "0", "--out", str(tmp_path)])
+        "--check-every", "5", "--max-error-rate", "0"])
     result = {}
-    load = threading.Thread(target=lambda: result.update(zip(("code", "out", "summary"), run_load(args))))
+    load = threading.Thread(target=lambda: result.update(zip(("code", "out", "summary"), run_load(spec_of(args), tmp_path))))
     load.start()
     # Kill once Locust is sending (its start, with the reference model's image check, takes seconds).
     deadline = time.time() + 120

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from catalog import archive_name
 from conftest import ROOT, start_torchserve
-from model_store.archive import archive_name
 from serving import server
 from test_training import tiny_mnist
 from training import train
@@ -73,13 +73,13 @@ def test_distributed_load_test_has_both_workers_sending_and_no_failures(lenet_se
     """`python -m loadtest.run --workers 2`: a Locust master and 2 worker processes, a few seconds of
     REST and gRPC load; the master's samples and summary hold both workers' requests, none failed,
     every checked label right."""
-    from loadtest.run import get_args_parser, run_load
+    from loadtest.run import get_args_parser, run_load, spec_of
     args = get_args_parser().parse_args([
         "--ts-config", str(lenet_server.run_dir / "config.properties"),
-        "--key-file", str(lenet_server.run_dir / "key_file.json"), "--out", str(tmp_path), "--warmup-s", "0",
+        "--key-file", str(lenet_server.run_dir / "key_file.json"), "--warmup-s", "0",
         "--workers", "2", "--users", "4", "--spawn-rate", "4", "--duration", "8", "--protocol", "both",
         "--check-every", "1", "--max-error-rate", "0", "--targets", "mnist_lenet5:1.0=1,mnist_lenet5=1"])
-    code, _, summary = run_load(args)
+    code, _, summary = run_load(spec_of(args), tmp_path)
     log = (tmp_path / "locust.log").read_text()
     assert code == 0, log[-3000:]
     total = summary["series"]["total"]

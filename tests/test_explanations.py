@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from drawing import draw_digit, png_bytes
-from handlers.prediction_log import PredictionLog, url_for_run_dir
+from prediction_table import PredictionTable, url_for_run_dir
 from serving.client import ServeError
 
 MODEL = "mnist_lenet5"
@@ -101,4 +101,4 @@ def test_explanations_are_not_written_to_the_prediction_log(torchserve):
     tag = f"explain-{uuid.uuid4().hex[:8]}"
     torchserve.explain(MODEL, png_bytes(draw_digit(0)), client=tag)
     torchserve.predict(MODEL, png_bytes(draw_digit(0)), client=tag)
-    assert PredictionLog(url_for_run_dir(torchserve.run_dir)).count(client=tag) == 1
+    assert PredictionTable(url_for_run_dir(torchserve.run_dir)).count(client=tag) == 1

@@ -4,12 +4,12 @@ import json
 import pytest
 
 from optimize import export
-from training.train import WEIGHTS_DIR
+import catalog
 
 
 @pytest.mark.parametrize("model", ["mnist_lenet5"])
 def test_exports_match_eager(tmp_path, model):
-    if not (WEIGHTS_DIR / f"{model}.pt").exists():
+    if not catalog.weights_path(model).exists():
         pytest.fail(f"shipped weights {model}.pt are missing")
     export.main(export.get_args_parser().parse_args(["--model", model, "--output-dir", str(tmp_path)]))
     report = json.loads((tmp_path / "export.json").read_text())
@@ -19,6 +19,6 @@ def test_exports_match_eager(tmp_path, model):
 
 
 def test_export_without_weights_names_the_problem(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(export, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", tmp_path)
     with pytest.raises(SystemExit, match="no shipped weights"):
         export.main(export.get_args_parser().parse_args(["--model", "mnist_lenet5"]))

@@ -7,20 +7,17 @@ import zipfile
 import numpy as np
 import pytest
 
+import catalog
 from drawing import draw_digit, png_bytes
 from model_store import archive
 from optimize import bench_formats, formats, validate
 from serving import server
-from tests.conftest import DATA_DIR, start_torchserve
+from conftest import DATA_DIR, start_torchserve
 
 MODEL = "mnist_lenet5"
 # lenet5's versions beyond fp32 TorchScript/ONNX in models.yaml, all `load: false`
 REDUCED = {"torchscript_bf16": "1.2", "onnx_int8": "1.3", "openvino_bf16": "1.4", "openvino_int8": "1.5", "aoti": "1.6"}
 LENET5_FLOPS = 2 * (6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10)  # by hand, per image
-
-
-def manifest() -> dict:
-    return {(m["model"], m["version"]): m for m in json.loads((archive.STORE / "manifest.json").read_text())}
 
 
 @pytest.mark.integration
@@ -37,13 +34,13 @@ def test_only_versions_without_load_false_start_and_defaults_come_first():
 
 @pytest.mark.integration
 def test_reduced_precision_archives_hold_their_format_and_validated_accuracy():
-    entries = manifest()
+    entries = catalog.read_manifest()
     for fmt, version in REDUCED.items():
         entry = entries[(MODEL, version)]
         assert (entry["format"], entry["precision"], entry["load_at_start"]) == (fmt, formats.FORMATS[fmt].precision,
                                                                                    False)
         assert entry["accuracy_delta_points"] >= -validate.MAX_ACCURACY_LOSS and entry["top1_agreement"] >= 0.99
-        with zipfile.ZipFile(archive.STORE / entry["archive"]) as mar:
+        with zipfile.ZipFile(catalog.STORE / entry["archive"]) as mar:
             meta = json.loads(mar.read("MAR-INF/MANIFEST.json"))
             assert meta["model"]["serializedFile"] == formats.FORMATS[fmt].filename
             assert f"format: {fmt}" in mar.read("model-config.yaml").decode()
@@ -51,6 +48,7 @@ def test_reduced_precision_archives_hold_their_format_and_validated_accuracy():
     assert validate.is_current(record, MODEL, "onnx_int8") and record["test_images"] == 10_000
 
 
+@pytest.mark.integration  # calibrates, validates on the full test split and archives: ~15 s
 def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, monkeypatch, capsys, mnist_test):
     """The real quantiser, validator and archiver on a badly calibrated INT8 model: blank calibration
     images give the input quantiser a range that clips every stroke away. (mnist_test: skips without data.)"""
@@ -58,12 +56,11 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
     for folder in (exported / MODEL, weights, store):
         folder.mkdir(parents=True)
     for name in ("model.pt", "model.onnx"):
-        shutil.copy(formats.EXPORT_DIR / MODEL / name, exported / MODEL / name)
-    shutil.copy(validate.WEIGHTS_DIR / f"{MODEL}.pt", weights)
-    monkeypatch.setattr(formats, "EXPORT_DIR", exported)
-    monkeypatch.setattr(formats, "WEIGHTS_DIR", weights)  # no committed calibration ranges there: calibrates
-    monkeypatch.setattr(validate, "WEIGHTS_DIR", weights)
-    monkeypatch.setattr(archive, "STORE", store)
+        shutil.copy(catalog.EXPORT_DIR / MODEL / name, exported / MODEL / name)
+    shutil.copy(catalog.weights_path(MODEL), weights)
+    monkeypatch.setattr(catalog, "EXPORT_DIR", exported)
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", weights)  # no committed calibration ranges there: calibrates
+    monkeypatch.setattr(catalog, "STORE", store)
     monkeypatch.setattr(archive, "build_isolated", formats.build)  # in this process, to see the patches
     real_images = formats.calibration_images
 
@@ -75,9 +72,9 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
     archive.main(archive.get_args_parser().parse_args([MODEL, "--data-dir", str(DATA_DIR)]))
     err = capsys.readouterr().err
     assert f"refused {MODEL} 1.3 (onnx_int8): loses" in err
-    assert not (store / archive.archive_name(MODEL, "1.3")).exists()
-    assert (store / archive.archive_name(MODEL, "1.2")).exists()
-    archived = {m["version"] for m in json.loads((store / "manifest.json").read_text())}
+    assert not (store / catalog.archive_name(MODEL, "1.3")).exists()
+    assert (store / catalog.archive_name(MODEL, "1.2")).exists()
+    archived = {version for _, version in catalog.read_manifest(store)}
     assert f"refused {MODEL} 1.5 (openvino_int8): loses" in err  # OpenVINO runs the same INT8 file
     assert archived == {"1.0", "1.1", "1.2", "1.4", "1.6"}
     record = json.loads((weights / f"{MODEL}_formats.json").read_text())["formats"]["onnx_int8"]
@@ -89,9 +86,9 @@ def test_int8_calibrated_on_blank_images_is_refused_and_not_archived(tmp_path, m
 def reduced_precision_server(tmp_path_factory):
     """fp32 1.0 and bf16 1.2 loaded at start; the others are registered on demand, as `load: false` intends."""
     run_dir = tmp_path_factory.mktemp("formats")
-    client = start_torchserve(run_dir, models=[f"{MODEL}={archive.archive_name(MODEL, v)}" for v in ("1.0", "1.2")])
+    client = start_torchserve(run_dir, models=[f"{MODEL}={catalog.archive_name(MODEL, v)}" for v in ("1.0", "1.2")])
     for version in set(REDUCED.values()) - {"1.2"}:
-        client.register(archive.archive_name(MODEL, version))
+        client.register(catalog.archive_name(MODEL, version))
     yield client
     server.stop(run_dir)
 
@@ -137,7 +134,7 @@ def test_peaks_follow_the_cpu_flags_amx_included():
 
 
 def test_every_format_has_a_runtime_and_a_way_to_be_built():
-    from handlers.runtimes import RUNTIMES
+    from runtimes import RUNTIMES
     assert set(RUNTIMES) == set(formats.FORMATS)
     for fmt in formats.FORMATS:
         built = formats.built_format(fmt)

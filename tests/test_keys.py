@@ -14,7 +14,7 @@ import requests
 
 from conftest import start_torchserve
 from drawing import draw_digit, png_bytes
-from model_store.archive import archive_name
+from catalog import archive_name
 from serving import keys, server
 from serving.client import ServeError, read_keys, refused_key
 from serving.grpc_client import GrpcClient

@@ -7,6 +7,7 @@ import zipfile
 
 import pytest
 
+import catalog
 from model_store import archive
 from optimize import formats, validate
 from training.data import DataMissing, load_split
@@ -19,20 +20,20 @@ def test_every_version_is_archived_from_the_committed_records_without_data(tmp_p
     empty, store = tmp_path / "no_data", tmp_path / "store"
     empty.mkdir()
     store.mkdir()
-    monkeypatch.setattr(archive, "STORE", store)
+    monkeypatch.setattr(catalog, "STORE", store)
     archive.main(archive.get_args_parser().parse_args([MODEL, "--data-dir", str(empty)]))
     captured = capsys.readouterr()
     assert "refused" not in captured.err, captured.err
-    versions = archive.load_settings()["models"][MODEL]["versions"]
+    versions = catalog.load_settings()["models"][MODEL]["versions"]
     # An AOTInductor package is compiled for the CPU's flags: on a CPU other than the one its committed
     # record was validated on, it cannot be certified without the test split, and says so.
     aoti = [v for v, spec in versions.items() if archive.version_spec(spec).format == "aoti"]
-    other_cpu = validate.load_records(MODEL)["formats"]["aoti"]["recipe"]["cpu_isa"] != formats.cpu_isa()
+    other_cpu = validate.load_records(MODEL)["formats"]["aoti"]["recipe"]["cpu_isa"] != catalog.cpu_isa()
     for version in aoti if other_cpu else []:
         assert f"skipped {MODEL} {version} (aoti): the validation record is for another recipe (cpu_isa differ)" \
             in captured.err, captured.err
     assert captured.err.count("skipped") == (len(aoti) if other_cpu else 0), captured.err
-    archived = {m["version"]: m for m in json.loads((store / "manifest.json").read_text())}
+    archived = {m["version"]: m for m in catalog.read_manifest(store).values()}
     assert set(archived) == set(versions) - (set(aoti) if other_cpu else set())
     records = validate.load_records(MODEL)["formats"]
     for entry in archived.values():
@@ -43,7 +44,7 @@ def test_int8_built_from_the_committed_ranges_is_the_validated_file(tmp_path, mo
     exported = tmp_path / "exported"
     (exported / MODEL).mkdir(parents=True)
     shutil.copy(formats.serialized_path(MODEL, "onnx"), exported / MODEL)
-    monkeypatch.setattr(formats, "EXPORT_DIR", exported)
+    monkeypatch.setattr(catalog, "EXPORT_DIR", exported)
     monkeypatch.setattr(formats, "calibration_images", lambda *a: pytest.fail("calibrated instead of using the ranges"))
     built = formats.build(MODEL, "onnx_int8", tmp_path / "no_data")
     assert validate.file_sha256(built) == validate.load_records(MODEL)["formats"]["onnx_int8"]["file_sha256"]
@@ -54,9 +55,9 @@ def test_stale_ranges_without_data_name_the_problem(tmp_path, monkeypatch):
     (exported / MODEL).mkdir(parents=True)
     weights.mkdir()
     shutil.copy(formats.serialized_path(MODEL, "onnx"), exported / MODEL)
-    shutil.copy(formats.WEIGHTS_DIR / f"{MODEL}.pt", weights)  # no calibration ranges beside these weights
-    monkeypatch.setattr(formats, "EXPORT_DIR", exported)
-    monkeypatch.setattr(formats, "WEIGHTS_DIR", weights)
+    shutil.copy(catalog.weights_path(MODEL), weights)  # no calibration ranges beside these weights
+    monkeypatch.setattr(catalog, "EXPORT_DIR", exported)
+    monkeypatch.setattr(catalog, "WEIGHTS_DIR", weights)
     with pytest.raises(DataMissing, match="does not exist"):
         formats.build(MODEL, "onnx_int8", tmp_path / "no_data")
 

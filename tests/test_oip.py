@@ -1,7 +1,6 @@
 """Open Inference Protocol (KServe v2) over REST, driven by Triton's own Python client against the real
 TorchServe: POST /v2/models/{model}/infer reaches the handler, which reads and answers the protocol."""
 import base64
-import io
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +12,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from drawing import draw_digit, png_bytes
-from handlers.prediction_log import PredictionLog, url_for_run_dir
+from prediction_table import PredictionTable, url_for_run_dir
 
 MODEL = "mnist_lenet5"
 DIGITS = [0, 1, 4, 7]
@@ -124,7 +123,7 @@ def test_one_log_row_per_image_with_unique_ids(torchserve):
     result = triton(torchserve).infer(MODEL, [files_input(pngs)], outputs=OUTPUTS,
                                       headers=auth(torchserve, **{"X-Client": tag}))
     request_id = result.get_response()["id"]  # no "id" sent: TorchServe's own request id comes back
-    rows = {r["request_id"]: r for r in PredictionLog(url_for_run_dir(torchserve.run_dir)).recent(limit=10, client=tag)}
+    rows = {r["request_id"]: r for r in PredictionTable(url_for_run_dir(torchserve.run_dir)).recent(limit=10, client=tag)}
     assert set(rows) == {request_id, f"{request_id}/1", f"{request_id}/2", f"{request_id}/3"}
     assert [rows[i]["label"] for i in (request_id, f"{request_id}/1", f"{request_id}/2", f"{request_id}/3")] == \
         [str(d) for d in DIGITS]

@@ -9,7 +9,8 @@ import pytest
 import requests
 
 from drawing import draw_digit, png_bytes
-from loadtest.bench import ServingConfig, torchserve
+from loadtest.servers import torchserve
+from loadtest.tuning import ServingConfig
 from serving.client import TorchServeClient
 
 pytestmark = pytest.mark.integration  # each module starts its own TorchServe

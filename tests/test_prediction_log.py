@@ -23,12 +23,12 @@ from PIL import Image
 
 from digit_handler import mnist_style
 from drawing import draw_digit, png_bytes
-from handlers.prediction_log import (CONNECT_TIMEOUT_S, INPUT_SAMPLE_RATE, PRUNE_BATCH_ROWS, SPOOL_SUFFIX,
-                                     PredictionLog, Settings, decode_pixels, keeps_input, predictions, record_row,
-                                     url_for_run_dir)
+from prediction_log import (INPUT_SAMPLE_RATE, PRUNE_BATCH_ROWS, SPOOL_SUFFIX, PredictionLog, Settings, keeps_input,
+                            record_row)
+from prediction_table import CONNECT_TIMEOUT_S, PredictionTable, decode_pixels, predictions, url_for_run_dir
 from image_handler import cifar_style
 from serving import server
-from tests.conftest import ROOT, start_torchserve
+from conftest import ROOT, start_torchserve
 
 LENET = "mnist_lenet5=mnist_lenet5_v1.0.mar"
 # No background work in the test process: a test that wants a replay or a prune calls it.
@@ -183,7 +183,7 @@ def test_a_postgresql_outage_under_load_loses_no_prediction(postgres, tmp_path, 
                 u.result()
         assert not failures, failures[:5]
         assert {p for p, _ in answers} >= {"before", "down", "up"}, "the load did not span the outage"
-        log = PredictionLog(postgres.url)
+        log = PredictionTable(postgres.url)
         wait_for(lambda: log.count(client=tag) >= len(answers), 30, "every answer in the log")
         recorded = ids(log, client=tag)
         assert len(recorded) == len(answers) and sorted(recorded) == sorted(r for _, r in answers)
@@ -201,7 +201,7 @@ def test_retention_and_input_sampling_while_serving(tmp_path, monkeypatch):
     monkeypatch.delenv("PREDICTION_LOG_URL", raising=False)
     for name, value in dict(MAX_ROWS=60, MAX_AGE_DAYS=1, PRUNE_INTERVAL_S=0.5, INPUT_SAMPLE_RATE=0.25).items():
         monkeypatch.setenv(f"PREDICTION_LOG_{name}", str(value))
-    log = PredictionLog(url_for_run_dir(tmp_path))  # the server's SQLite file, made before it starts
+    log = PredictionTable(url_for_run_dir(tmp_path))  # the server's SQLite file, made before it starts
     with log.engine.begin() as connection:
         connection.execute(predictions.insert(), digit_rows(10, "stale", time.time() - 2 * 86400, client="stale")
                            + digit_rows(10, "hour", time.time() - 3600, client="hour"))
@@ -238,7 +238,7 @@ def test_predictions_are_recorded_in_postgresql(postgres, tmp_path, monkeypatch)
         answered = send(client, [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] * 10, tag)
     finally:
         server.stop(tmp_path)
-    log = PredictionLog(postgres.url)
+    log = PredictionTable(postgres.url)
     assert log.engine.dialect.name == "postgresql"
     assert len(answered) == 40 and log.count(client=tag) == 40
     assert not (tmp_path / "predictions.db").exists()
@@ -255,11 +255,11 @@ def test_nothing_is_lost_on_a_clean_shutdown(tmp_path):
         started = time.time()
         server.stop(tmp_path)
     assert time.time() - started < 60
-    assert PredictionLog(url_for_run_dir(tmp_path)).count(client=tag) == len(answered) == 50
+    assert PredictionTable(url_for_run_dir(tmp_path)).count(client=tag) == len(answered) == 50
 
 
 def test_every_successful_prediction_is_recorded_once(torchserve):
-    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
+    log = PredictionTable(url_for_run_dir(torchserve.run_dir))
     tag = f"test-{uuid.uuid4().hex[:8]}"
     good = [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] * 25
     bad = [b"not an image"] * 10
@@ -281,7 +281,7 @@ def test_every_successful_prediction_is_recorded_once(torchserve):
 
 def test_a_user_correction_is_kept_and_exported(torchserve, tmp_path):
     from serving.corrections import export_corrections
-    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
+    log = PredictionTable(url_for_run_dir(torchserve.run_dir))
     tag = f"test-{uuid.uuid4().hex[:8]}"
     (answer,) = send(torchserve, [png_bytes(draw_digit(7))], tag)
     assert log.correct(answer["request_id"], "1")
@@ -295,7 +295,7 @@ def test_a_user_correction_is_kept_and_exported(torchserve, tmp_path):
 def test_cli_and_grpc_predictions_are_recorded_with_their_client(torchserve, tmp_path, monkeypatch, capsys):
     from serving import modelctl
     from serving.grpc_client import GrpcClient
-    log = PredictionLog(url_for_run_dir(torchserve.run_dir))
+    log = PredictionTable(url_for_run_dir(torchserve.run_dir))
     before = {name: log.count(client=name) for name in ("cli", "grpc-test")}
     (tmp_path / "seven.png").write_bytes(png_bytes(draw_digit(7)))
     monkeypatch.setenv("TS_INFERENCE_URL", torchserve.inference_url)
@@ -312,7 +312,7 @@ def test_cli_and_grpc_predictions_are_recorded_with_their_client(torchserve, tmp
 
 def seed(url: str, n: int, stale: int) -> list[str]:
     """n rows a second apart ending now, the oldest `stale` of them 40 days old; their ids, oldest first."""
-    log = PredictionLog(url)
+    log = PredictionTable(url)
     rows = digit_rows(n, "seed", time.time() - n)
     for row in rows[:stale]:
         row["created"] -= 40 * 86400
@@ -382,8 +382,9 @@ def test_a_stopped_workers_spool_is_written_by_the_next_worker_and_a_live_ones_i
     url, settings = f"sqlite:///{folder / 'p.db'}", Settings(**dict(QUIET, spool_dir=str(spool)))
     child = f"""
 import sys; sys.path.insert(0, {str(ROOT)!r})
+import catalog  # puts handlers/ on sys.path
 import numpy as np
-from handlers.prediction_log import PredictionLog, Settings, record_row
+from prediction_log import PredictionLog, Settings, record_row
 result = {{"label": "7", "index": 7, "confidence": 0.9, "top_k": []}}
 log = PredictionLog({url!r}, Settings(**{dict(QUIET, spool_dir=str(spool))!r}))
 for prefix in ("stopped", "stopped-again"):

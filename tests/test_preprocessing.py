@@ -1,20 +1,18 @@
 """The digit and image handlers' preprocessing, on drawings and on real test images."""
 import io
 import itertools
+import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFilter
 
-from base_classifier import BadInput, decode_image
+from classifier import BadInput, decode_image
 from digit_handler import _erode, mnist_style
 from image_handler import cifar_style
 from drawing import draw_digit, mouse_drawing, png_bytes
-from tests.conftest import shipped
-from training.data import MEAN, STD
-from training.models import load_weights
-from training.train import WEIGHTS_DIR
+from conftest import shipped
+from model_store import archive
 
 CANVASES = {  # name -> draw_digit keyword arguments: the ways people draw
     "canvas": {},
@@ -28,15 +26,24 @@ CANVASES = {  # name -> draw_digit keyword arguments: the ways people draw
 }
 
 
+def served(model: str, threads: int = 1):
+    """The model's Classifier over its fp32 TorchScript export, as version 1.0 serves it."""
+    shipped(model)
+    return archive.classifier(model, "torchscript", threads=threads)
+
+
+def predicted(classifier, seen: list[np.ndarray]) -> np.ndarray:
+    """What the model answers for images its handler already preprocessed."""
+    return classifier.logits(classifier.batch(seen)).argmax(1)
+
+
 @pytest.fixture(scope="module")
 def lenet():
-    return load_weights("mnist_lenet5", WEIGHTS_DIR / "mnist_lenet5.pt")
+    return served("mnist_lenet5")
 
 
-def classify(model, digit28: np.ndarray) -> int:
-    x = (torch.from_numpy(digit28).float() / 255 - MEAN["mnist"][0]) / STD["mnist"][0]
-    with torch.no_grad():
-        return int(model(x[None, None]).argmax())
+def classify(classifier, digit28: np.ndarray) -> int:
+    return int(predicted(classifier, [digit28])[0])
 
 
 def center_of_mass(digit28):
@@ -95,13 +102,10 @@ def mouse_drawn_digits():
 def test_mouse_drawn_digits_at_every_brush_width_and_size(name):
     """Measured with the weights trained on drawing-like distortions (training.data.DrawnDigit):
     see the model cards; the bar is a little below what they score."""
-    model = load_weights(name, shipped(name))
     seen, labels, kinds = mouse_drawn_digits()
-    x = (torch.from_numpy(seen).float()[:, None] / 255 - MEAN["mnist"][0]) / STD["mnist"][0]
-    with torch.no_grad():
-        predicted = model(x).argmax(1).numpy()
-    wrong = [(int(t), int(p), k) for t, p, k in zip(labels, predicted, kinds) if t != p]
-    assert (predicted == labels).mean() >= 0.97, f"{len(wrong)} of {len(labels)} wrong: {wrong[:20]}"
+    answers = predicted(served(name), list(seen))
+    wrong = [(int(t), int(p), k) for t, p, k in zip(labels, answers, kinds) if t != p]
+    assert (answers == labels).mean() >= 0.97, f"{len(wrong)} of {len(labels)} wrong: {wrong[:20]}"
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -161,14 +165,11 @@ def test_real_cifar10_images_at_any_size_are_recognised(cifar_test, fmt, size):
     75 costs 8.1 points at 32x32 (its artefacts are as large as the objects' details) and 2.2 at
     96x96. The stretched ones lose their sides to the centre crop, which costs more."""
     images, labels = cifar_test
-    model = load_weights("cifar10_resnet18", shipped("cifar10_resnet18"))
+    resnet = served("cifar10_resnet18", threads=os.cpu_count())
     n = 500
 
     def accuracy(batch_uint8):
-        x = torch.from_numpy(np.stack(batch_uint8)).permute(0, 3, 1, 2).float() / 255
-        x = (x - torch.tensor(MEAN["cifar10"])[:, None, None]) / torch.tensor(STD["cifar10"])[:, None, None]
-        with torch.no_grad():
-            return (model(x).argmax(1).numpy() == labels[:n]).mean()
+        return (predicted(resnet, batch_uint8) == labels[:n]).mean()
 
     uploaded = [cifar_style(decode_image(png_bytes(Image.fromarray(img).resize(size, Image.Resampling.BICUBIC), fmt)))
                 for img in images[:n]]

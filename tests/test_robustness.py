@@ -14,14 +14,14 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from ts.context import Context, RequestProcessor
 
+from catalog import EXPORT_DIR, load_settings
 from digit_handler import DigitHandler
 from drawing import draw_digit, png_bytes
 from image_handler import ImageHandler
-from model_store.archive import load_settings, model_config, version_spec
-from optimize.export import EXPORT_DIR
+from model_store.archive import model_config, version_spec
 from serving import server
 from serving.client import ServeError
-from tests.conftest import shipped, start_torchserve
+from conftest import shipped, start_torchserve
 
 
 def make_context(model: str, handler_config: dict) -> Context:

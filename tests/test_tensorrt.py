@@ -13,7 +13,7 @@ import torch
 
 from optimize import formats, validate
 from runtimes import TRT_MAX_BATCH, load_runtime
-from tests.conftest import DATA_DIR, ROOT
+from conftest import DATA_DIR, ROOT
 
 MODEL = "mnist_lenet5"
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import catalog
 from drawing import draw_digit
 from training import train
 from training.models import MODELS, build_model
@@ -34,8 +35,9 @@ def tiny_mnist(root, n=480):
 
 
 def test_model_shapes():
-    for name, (_, dataset) in MODELS.items():
-        x = torch.zeros(2, *((1, 28, 28) if dataset == "mnist" else (3, 32, 32)))
+    assert set(MODELS) == set(catalog.MODEL_DATASETS)  # a builder for every served model
+    for name in MODELS:
+        x = torch.zeros(2, *catalog.INPUT_SHAPE[catalog.dataset_of(name)])
         assert build_model(name).eval()(x).shape == (2, 10)
 
 
@@ -63,7 +65,7 @@ def test_fine_tuning_on_corrections_starts_from_weights_and_adds_the_samples(tmp
     args = train.get_args_parser().parse_args([
         "--model", "mnist_lenet5", "--data-dir", str(tmp_path), "--output-dir", str(out), "--epochs", "1",
         "--batch-size", "32", "--limit", "200", "--threads", "1", "--lr", "0.01",
-        "--init-from", str(train.WEIGHTS_DIR / "mnist_lenet5.pt"), "--extra-train", str(tmp_path / "corrections.npz")])
+        "--init-from", str(catalog.weights_path("mnist_lenet5")), "--extra-train", str(tmp_path / "corrections.npz")])
     train.main(args)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_images"] == 200 + 16

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handlers.runtimes import FlipAverage, load_runtime
+from catalog import load_settings
 from model_store import archive
+from runtimes import FlipAverage, load_runtime
 from optimize.formats import serialized_path
 from serving import server
-from tests.conftest import start_torchserve
+from conftest import start_torchserve
 
 MODEL, TTA_VERSION, PLAIN_VERSION = "cifar10_resnet18", "1.4", "1.3"
 
@@ -33,11 +34,11 @@ def test_flip_average_is_the_mean_of_an_image_and_its_mirror_and_ignores_mirrori
 
 
 def test_a_version_entry_carries_its_tta_into_the_archive_config():
-    spec = archive.version_spec(archive.load_settings()["models"][MODEL]["versions"][TTA_VERSION])
+    spec = archive.version_spec(load_settings()["models"][MODEL]["versions"][TTA_VERSION])
     assert spec == archive.VersionSpec("openvino_bf16", False, "flip")
-    assert archive.model_config(archive.load_settings(), MODEL, spec)["handler"]["tta"] == "flip"
+    assert archive.model_config(load_settings(), MODEL, spec)["handler"]["tta"] == "flip"
     plain = archive.version_spec("onnx_int8")
-    assert "tta" not in archive.model_config(archive.load_settings(), MODEL, plain)["handler"]
+    assert "tta" not in archive.model_config(load_settings(), MODEL, plain)["handler"]
     with pytest.raises(ValueError, match="no test-time augmentation"):
         load_runtime("onnx", str(serialized_path(MODEL, "onnx")), 1, "rotate")
 

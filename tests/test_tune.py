@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
+import catalog
 from optimize import tune
-from tests.conftest import ROOT
+from conftest import ROOT
 
 
 def test_the_fastest_version_without_tta_is_recommended():
@@ -24,7 +25,7 @@ def test_tune_times_every_archived_version_and_names_the_machine(tmp_path):
     subprocess.run([sys.executable, "-m", "optimize.tune", "--quick", "mnist_lenet5", "cifar10_resnet18",
                     "--output", str(out), "--report", str(tmp_path / "tune.md")], cwd=ROOT, check=True)
     result = json.loads(out.read_text())
-    manifest = json.loads((tune.STORE / "manifest.json").read_text())
+    manifest = list(catalog.read_manifest().values())
     assert result["machine"]["cpu"] and isinstance(result["machine"]["flags"], list)
     for model in ("mnist_lenet5", "cifar10_resnet18"):
         r = result["models"][model]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from serving import server
-from tests.conftest import ROOT
+from conftest import ROOT
 
 
 def cli(*argv, env=None):

@@ -12,7 +12,7 @@ from drawing import draw_digit, png_bytes
 from serving import modelctl, server
 from serving.client import ServeError
 from serving.grpc_client import GrpcClient
-from tests.conftest import start_torchserve
+from conftest import start_torchserve
 
 pytestmark = pytest.mark.integration  # each module starts its own TorchServe
 
@@ -124,7 +124,7 @@ def test_rest_and_grpc_give_identical_predictions(lenet_server, mnist_or_drawn):
 
 @pytest.fixture(scope="module")
 def mnist_or_drawn():
-    from tests.conftest import DATA_DIR
+    from catalog import DATA_DIR
     try:
         from training.data import load_split
         images = load_split("mnist", DATA_DIR, train=False)[0][:20, 0].numpy()

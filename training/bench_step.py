@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from training.data import INPUT_SHAPE
-from training.models import build_model, dataset_of
-from training.train import PRESETS, cpu_name
+from catalog import INPUT_SHAPE, cpu_name, dataset_of
+from training.models import build_model
+from training.train import PRESETS
 
 
 def time_steps(model_name: str, compiled: bool, batch: int, warmup: int, steps: int) -> dict:

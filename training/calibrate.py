@@ -29,9 +29,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data import DEFAULT_DATA_DIR, DataMissing, data_dir_arg, test_dataset, train_val_datasets
-from training.models import MODELS, dataset_of, load_weights
-from training.train import PRESETS, WEIGHTS_DIR
+import catalog
+from catalog import MODEL_DATASETS, dataset_of
+from training.data import DataMissing, data_dir_arg, test_dataset, train_val_datasets
+from training.models import load_weights
+from training.train import PRESETS
 from training.train import get_args_parser as train_args_parser
 
 matplotlib.use("Agg")
@@ -123,7 +125,7 @@ def logits_of(model, dataset, desc: str) -> tuple[np.ndarray, np.ndarray]:
 
 def calibrate(name: str, data_dir) -> dict:
     """Fit and measure `name`'s temperature; -> the record written to <name>_calibration.json."""
-    weights = (WEIGHTS_DIR / f"{name}.pt").read_bytes()  # hashed and loaded from the same bytes
+    weights = catalog.weights_path(name).read_bytes()  # hashed and loaded from the same bytes
     model = load_weights(name, io.BytesIO(weights))
     # Exactly the images training held out (its default seed, the preset's val_size), preprocessed as the
     # preset says: for the digit models the serving handler's preprocessing, which served confidences follow.
@@ -214,17 +216,17 @@ def replace_section(card: str, section: str) -> str:
 def main(args):
     torch.set_num_threads(args.threads)
     for name in args.model:
-        if not (WEIGHTS_DIR / f"{name}.pt").exists():
-            sys.exit(f"error: {name} has no shipped weights ({WEIGHTS_DIR / name}.pt): train it first")
+        if not catalog.weights_path(name).exists():
+            sys.exit(f"error: {name} has no shipped weights ({catalog.weights_path(name)}): train it first")
         try:
             record = calibrate(name, args.data_dir)
         except DataMissing as e:
             sys.exit(f"error: calibration needs the real data set: {e}")
         except CalibrationFailed as e:
             sys.exit(f"error: {name}: {e}")
-        (WEIGHTS_DIR / f"{name}_calibration.json").write_text(json.dumps(record, indent=1) + "\n")
-        plot_reliability(record, WEIGHTS_DIR / f"{name}_calibration.png")
-        card = WEIGHTS_DIR / f"{name}.md"
+        (catalog.WEIGHTS_DIR / f"{name}_calibration.json").write_text(json.dumps(record, indent=1) + "\n")
+        plot_reliability(record, catalog.WEIGHTS_DIR / f"{name}_calibration.png")
+        card = catalog.WEIGHTS_DIR / f"{name}.md"
         card.write_text(replace_section(card.read_text(), card_section(record)))
         print(f"{name}: T = {record['temperature']:.3f}; test ECE {100 * record['test_ece_before']:.2f}% -> "
               f"{100 * record['test_ece_after']:.2f}%, NLL {record['test_nll_before']:.4f} -> "
@@ -233,9 +235,9 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", choices=list(MODELS), default=list(MODELS),
+    p.add_argument("--model", nargs="+", choices=list(MODEL_DATASETS), default=list(MODEL_DATASETS),
                    help="models to calibrate (default: all)")
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=data_dir_arg, default=catalog.DATA_DIR,
                    help="holds MNIST/raw or cifar-10-batches-bin (default: $DATA_DIR or ../shared/data)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     return p

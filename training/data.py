@@ -6,8 +6,6 @@ CIFAR10 class (the python pickles it downloads) or from the official binary vers
 """
 import argparse
 import gzip
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +16,8 @@ from torchvision import datasets
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-# Where the real data sets live: beside the checkout (../shared/data), or wherever DATA_DIR points.
-# Only training, `make evaluate` and validating a newly built format read them; a fresh clone without
-# them still exports, archives (from the committed validation records) and serves every model.
-DEFAULT_DATA_DIR = Path(os.environ.get("DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
+from catalog import MEAN, STD  # also puts handlers/ on sys.path (handler_preprocessing)
+
 # The files each data set needs, relative to the data directory (either one of a tuple will do).
 SPLIT_FILES = {"mnist": ("MNIST/raw/t10k-images-idx3-ubyte",),
                "cifar10": ("cifar-10-batches-bin", "cifar-10-batches-py")}
@@ -50,12 +46,6 @@ def require_dataset(dataset: str, data_dir):
         raise DataMissing(f"{dataset} is not in {data_dir} (expected {' or '.join(SPLIT_FILES[dataset])})")
 
 
-# Per-channel statistics of the training images, in [0, 1] units. The handlers ship the same numbers.
-MEAN = {"mnist": (0.1307,), "cifar10": (0.4914, 0.4822, 0.4465)}
-STD = {"mnist": (0.3081,), "cifar10": (0.2470, 0.2435, 0.2616)}
-INPUT_SHAPE = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # C, H, W of one image the models take
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CLASSES = {"mnist": tuple(str(d) for d in range(10)), "cifar10": CIFAR10_CLASSES}
 CIFAR_RECORD = 1 + 32 * 32 * 3  # label byte, then 1024 red, 1024 green, 1024 blue
 
 
@@ -119,20 +109,22 @@ def load_split(dataset: str, data_dir, train: bool, download: bool = False) -> t
 
 
 def normalize(dataset: str):
+    """uint8 C x H x W -> float32 scaled to [0, 1], standardised per channel. The handlers normalise
+    served images in handlers/classifier.py (Classifier.batch) to the same bits (tests/test_classifier.py)."""
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN[dataset], STD[dataset])])
-
-
-HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
 
 
 def handler_preprocessing(dataset: str):
     """The serving handler's own preprocessing (PIL image -> the uint8 pixels the model sees), so that
     training, evaluation and serving cannot disagree about it."""
-    if str(HANDLERS) not in sys.path:  # as shipped in the .mar: the handlers import each other by name
-        sys.path.insert(0, str(HANDLERS))
     from digit_handler import mnist_style
     from image_handler import cifar_style
     return {"mnist": mnist_style, "cifar10": cifar_style}[dataset]
+
+
+def as_pixels(image: torch.Tensor) -> np.ndarray:
+    """uint8 C x H x W -> H x W (one channel) or H x W x C: the layout of an image file's pixels."""
+    return image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
 
 
 def as_served(dataset: str, images: torch.Tensor, desc: str = "") -> torch.Tensor:
@@ -140,8 +132,7 @@ def as_served(dataset: str, images: torch.Tensor, desc: str = "") -> torch.Tenso
     would give the handler the same pixels: PNG is lossless; training/evaluate.py makes it anyway.)"""
     preprocess, seen = handler_preprocessing(dataset), []
     for image in tqdm(images, desc=desc or f"{dataset} through the handler's preprocessing", leave=False):
-        pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
-        out = preprocess(Image.fromarray(pixels))
+        out = preprocess(Image.fromarray(as_pixels(image)))
         seen.append(torch.from_numpy(out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy()))
     return torch.stack(seen)
 

@@ -3,25 +3,28 @@
     python -m training.evaluate --data-dir ../shared/data      # writes results/evaluation.md
 
 Two figures per model, side by side: in-process (the raw test tensors, as training sees them) and
-through the serving preprocessing (each test image sent as a PNG file through the handlers' own
-decoding and preprocessing, as TorchServe runs them). The difference is the training/serving skew.
+through the serving preprocessing (each test image as a PNG file through the handlers' Classifier:
+decoded, preprocessed and normalised as TorchServe's workers do, then the same weights). The
+difference is the training/serving skew.
 The published anchors are quoted beside each figure so the distance to the state of the art is visible.
 """
 import argparse
-import io
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from training.data import (DEFAULT_DATA_DIR, DataMissing, ImageTensors, data_dir_arg, handler_preprocessing, load_split,
+import catalog
+from catalog import CLASSES, MEAN, MODEL_DATASETS, STD, dataset_of
+from classifier import Classifier, to_png
+from training.data import (DataMissing, ImageTensors, as_pixels, data_dir_arg, handler_preprocessing, load_split,
                            normalize)
-from training.models import MODELS, dataset_of, load_weights
-from training.train import PRESETS, WEIGHTS_DIR
+from training.models import load_weights
+from training.train import PRESETS
 
 
 ANCHORS = {
@@ -31,24 +34,31 @@ ANCHORS = {
 }
 
 
-def served_pixels(dataset: str, images: torch.Tensor) -> torch.Tensor:
-    """Each uint8 test image as a PNG file, decoded and preprocessed by the handler that serves it."""
-    preprocess = handler_preprocessing(dataset)  # puts handlers/ on sys.path, as they are shipped in the .mar
-    from base_classifier import decode_image
-    seen = []
-    for image in tqdm(images, desc=f"{dataset} as PNG through the handler", leave=False):
-        pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "PNG")
-        out = preprocess(decode_image(buffer.getvalue()))
-        seen.append(torch.from_numpy(out[None] if out.ndim == 2 else out.transpose(2, 0, 1).copy()))
-    return torch.stack(seen)
+BATCH = 500
 
 
 def predictions(model, dataset: str, images: torch.Tensor, desc: str) -> torch.Tensor:
-    loader = DataLoader(ImageTensors(images, torch.zeros(len(images), dtype=torch.long), normalize(dataset)), 500)
+    """The raw uint8 test tensors, normalised as training normalises them."""
+    loader = DataLoader(ImageTensors(images, torch.zeros(len(images), dtype=torch.long), normalize(dataset)), BATCH)
     with torch.inference_mode():
         return torch.cat([model(x).argmax(1) for x, _ in tqdm(loader, desc=desc, leave=False)])
+
+
+def served_classifier(model, dataset: str) -> Classifier:
+    """The handlers' Classifier with the settings an archive carries (catalog's facts: training does
+    not read model_store/), running the eager model instead of an exported file."""
+    config = {"classes": CLASSES[dataset], "mean": MEAN[dataset], "std": STD[dataset]}
+    return Classifier(config, handler_preprocessing(dataset), lambda batch: model(torch.from_numpy(batch)).numpy())
+
+
+def served_predictions(model, dataset: str, images: torch.Tensor, desc: str) -> torch.Tensor:
+    """Each uint8 test image as a PNG file, decoded, preprocessed and normalised by the Classifier
+    the handlers serve with."""
+    classifier = served_classifier(model, dataset)
+    seen = [classifier.pixels(to_png(as_pixels(image))) for image in tqdm(images, desc=desc, leave=False)]
+    with torch.inference_mode():
+        logits = [classifier.logits(classifier.batch(seen[i: i + BATCH])) for i in range(0, len(seen), BATCH)]
+    return torch.from_numpy(np.concatenate(logits).argmax(1))
 
 
 def main(args):
@@ -56,8 +66,8 @@ def main(args):
     rows = ["| model | test accuracy in-process | through the serving preprocessing (PNG) | skew (points) | "
             "top-1 agreement | test images | shipped weights | recipe | published anchor |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for name in MODELS:
-        weights = WEIGHTS_DIR / f"{name}.pt"
+    for name in MODEL_DATASETS:
+        weights = catalog.weights_path(name)
         if not weights.exists():
             rows.append(f"| {name} | not shipped yet | | | | | | | {ANCHORS[name]} |")
             continue
@@ -67,7 +77,7 @@ def main(args):
         except DataMissing as e:
             sys.exit(f"error: evaluation needs the official test splits: {e}")
         raw = predictions(model, dataset, images, f"{name} in-process")
-        served = predictions(model, dataset, served_pixels(dataset, images), f"{name} served preprocessing")
+        served = served_predictions(model, dataset, images, f"{name} as PNG through the handler")
         acc, served_acc = (raw == labels).float().mean().item(), (served == labels).float().mean().item()
         p = PRESETS[name]
         recipe = (f"{p.epochs} epochs, batch {p.batch_size}, one-cycle SGD lr {p.lr}, wd {p.weight_decay}, "
@@ -85,7 +95,7 @@ def main(args):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=data_dir_arg, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=data_dir_arg, default=catalog.DATA_DIR)
     p.add_argument("--output", default="results/evaluation.md")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     return p

@@ -62,22 +62,14 @@ def resnet18_cifar(num_classes: int = 10) -> nn.Module:
     return model
 
 
-# served model name -> (builder, dataset name)
-MODELS = {
-    "mnist_lenet5": (LeNet5, "mnist"),
-    "mnist_alexnet": (AlexNetMNIST, "mnist"),
-    "cifar10_resnet18": (resnet18_cifar, "cifar10"),
-}
+# served model name -> its builder (its data set: catalog.MODEL_DATASETS)
+MODELS = {"mnist_lenet5": LeNet5, "mnist_alexnet": AlexNetMNIST, "cifar10_resnet18": resnet18_cifar}
 
 
 def build_model(name: str) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name][0]()
-
-
-def dataset_of(name: str) -> str:
-    return MODELS[name][1]
+    return MODELS[name]()
 
 
 def load_weights(name: str, path) -> nn.Module:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import matplotlib
 
-from training.data import CLASSES
+from catalog import CLASSES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

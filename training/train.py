@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -32,12 +31,11 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from training.data import CLASSES, DEFAULT_DATA_DIR, DataMissing, test_dataset, train_val_datasets
-from training.models import build_model, dataset_of, load_weights
+import catalog
+from catalog import CLASSES, cpu_name, dataset_of
+from training.data import DataMissing, test_dataset, train_val_datasets
+from training.models import build_model, load_weights
 from training.report import plot_confusion, plot_curves, write_model_card
-
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-
 
 @dataclasses.dataclass
 class Preset:
@@ -75,7 +73,7 @@ PRESETS = {
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=sorted(PRESETS))
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+    p.add_argument("--data-dir", type=Path, default=catalog.DATA_DIR,
                    help="holds MNIST/raw or cifar-10-batches-bin (default: $DATA_DIR or ../shared/data)")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set (needs internet)")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<model>)")
@@ -216,13 +214,6 @@ def add_extra_training_images(train_ds, path):
                          f"{tuple(train_ds.images.shape[1:])}")
     train_ds.images = torch.cat([train_ds.images, images])
     train_ds.labels = torch.cat([train_ds.labels, torch.from_numpy(extra["labels"]).long()])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def cast_state_dict(model, dtype: str):
@@ -413,8 +404,8 @@ def run(args, ddp: Distributed = Distributed()):
     print(f"best epoch {best['epoch']} val {best_acc:.4f} | test {test_acc:.4f} | shipped "
           f"({preset.ship_dtype}) test {shipped_acc:.4f} | {wall / 60:.1f} min")
     if args.ship:
-        WEIGHTS_DIR.mkdir(exist_ok=True)
-        weights = WEIGHTS_DIR / f"{args.model}.pt"
+        catalog.WEIGHTS_DIR.mkdir(exist_ok=True)
+        weights = catalog.weights_path(args.model)
         torch.save(cast_state_dict(model, preset.ship_dtype), weights)
         write_model_card(metrics, weights, out)
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import streamlit as st
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:  # streamlit puts ui/ on the path, not the repository with serving/
-    sys.path.insert(0, ROOT)
+# streamlit puts ui/ on the path, not the repository root with catalog.py and serving/
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ui import overview, predict, shared  # noqa: E402
 

@@ -1,5 +1,6 @@
 """The prediction pages: draw a digit on a canvas, or upload a photo."""
 import hashlib
+import time
 
 import pandas as pd
 import streamlit as st
@@ -9,12 +10,24 @@ from ui.canvas import st_canvas
 
 CANVAS_PX = 280  # ten times MNIST's 28 px: room to draw with a mouse or a finger
 SEEN_PX = 224  # the model's input, enlarged (8x a digit, 7x a CIFAR image)
+# "Predict while drawing" waits for the pen to rest this long on a drawing before predicting it. The
+# canvas reports a drawing only at pen-up (its frontend sends it 200 ms after the last mouse-up and
+# nothing while the pen moves), so the pause counts from there: a stroke that ends within it replaces
+# the drawing before it is sent. Longer feels sluggish; shorter predicts a two-stroke 4 after its first stroke.
+LIVE_PAUSE_S = 0.5
 # Only the predicted digit is shown large; the other metrics keep Streamlit's size.
 BIG_DIGIT_CSS = "<style>.st-key-digit [data-testid='stMetricValue'] {font-size: 6rem; line-height: 1.1}</style>"
+# The chart's axis labels and titles in the page's own text colour: Streamlit's chart theme greys
+# them (#808495, 3.7:1 on white; WCAG AA asks 4.5:1). currentColor follows a dark theme too, which a
+# colour in the chart's config would not. Vega draws them as SVG text, whose fill CSS sets.
+CHART_TEXT_CSS = ("<style>[data-testid='stVegaLiteChart'] :is(.role-axis-label, .role-axis-title) text "
+                  "{fill: currentColor}</style>")
 
 
 def draw_page():
-    st.title("Draw a digit")
+    # No anchor link beside the title: a link to the top of this very page, and one more Tab stop
+    # before Predict.
+    st.title("Draw a digit", anchor=False)
     picked = shared.pick_model("digit_handler.py", "draw")
     if picked is None:
         return
@@ -25,11 +38,15 @@ def draw_page():
     with answer:
         image = canvas.image_bytes
         strokes = len((canvas.json_data or {}).get("objects", []))
+        # A drawing already answered (its hash, model and version) is not sent again, live or not.
+        result = shared.answered("draw", model, version, image, top_k=10)
+        asked = image is not None and (predict_now or (live and strokes > 0 and result is None))
         # The canvas PNG goes as it is (transparent background): the handler reads alpha as ink.
-        asked = image is not None and (predict_now or (live and strokes > 0))
-        result = (shared.predict("draw", model, version, image, top_k=10, force=predict_now,
-                                 live=not predict_now) if asked
-                  else shared.answered("draw", model, version, image, top_k=10))
+        if asked and predict_now:
+            result = shared.predict("draw", model, version, image, top_k=10)
+        elif asked:
+            pen_rested()
+            result = shared.predict("draw", model, version, image, top_k=10, live=True)
         if result:
             digit_result(result, image)
             every_answer("digit_handler.py", image)
@@ -50,7 +67,18 @@ def drawing_pad():
                                 disabled=canvas.image_bytes is None)
         st.button("Clear", icon=":material/delete:", on_click=clear_canvas)
         live = st.toggle("Predict while drawing", key="live")
+    if live:
+        st.caption(f"Each stroke is answered once the pen has rested {LIVE_PAUSE_S:.1f} s. These answers are "
+                   "previews, logged as client ui-live (History hides them); **Predict** logs the finished digit.")
     return canvas, predict_now, live
+
+
+def pen_rested():
+    """Wait until the pen has rested LIVE_PAUSE_S on this drawing. A stroke that ends meanwhile sends
+    a newer drawing, and Streamlit (fast reruns) then stops this run at its next element and runs the
+    page again with it: strokes drawn in quick succession get one prediction, not one each."""
+    time.sleep(LIVE_PAUSE_S)
+    st.empty()  # that next element: where a newer drawing stops this run, before it predicts
 
 
 def clear_canvas():
@@ -58,7 +86,7 @@ def clear_canvas():
 
 
 def digit_result(result: dict, image: bytes):
-    st.html(BIG_DIGIT_CSS)
+    st.html(BIG_DIGIT_CSS + CHART_TEXT_CSS)
     digit, facts = st.columns([1, 2], vertical_alignment="center")
     with digit.container(key="digit"):
         st.metric("Prediction", result["label"])
@@ -68,14 +96,17 @@ def digit_result(result: dict, image: bytes):
     chart, seen = st.columns([3, 2], vertical_alignment="bottom")
     probabilities = pd.DataFrame([(c["label"], c["probability"]) for c in result["top_k"]],
                                  columns=["digit", "probability"]).sort_values("digit")
-    chart.bar_chart(probabilities, x="digit", y="probability", sort=False, height=240)
-    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="What the model saw: 28×28, enlarged")
+    described = ", ".join(f"{d} {p:.1%}" for d, p in probabilities.itertuples(index=False))
+    chart.bar_chart(probabilities, x="digit", y="probability", sort=False, height=240,
+                    alt=f"Bar chart of the probability of each digit: {described}")
+    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="What the model saw: 28×28, enlarged",
+               alt=f"Your drawing as the model saw it, 28 by 28 pixels, enlarged: it reads {result['label']}")
     with seen:
         explained("draw", result, image)
 
 
 def upload_page():
-    st.title("Upload a photo")
+    st.title("Upload a photo", anchor=False)
     picked = shared.pick_model("image_handler.py", "upload")
     if picked is None:
         return
@@ -96,7 +127,8 @@ def upload_page():
     sent = shared.fit_for_upload(data, picture)
     original, answer = st.columns([1, 1.5], gap="large")
     shrunk = "" if sent is data else f", shrunk to {shared.MAX_UPLOAD_SIDE_PX} px on its long side to send"
-    original.image(sent, caption=f"{photo.name} ({picture.width}x{picture.height}{shrunk})", width=320)
+    original.image(sent, caption=f"{photo.name} ({picture.width}x{picture.height}{shrunk})", width=320,
+                   alt=f"The photo you uploaded, {photo.name}")
     with answer:
         result = shared.predict("upload", model, version, sent, top_k=3, force=False)
         if result:
@@ -111,7 +143,8 @@ def photo_result(result: dict, image: bytes):
             st.progress(choice["probability"], text=f"{choice['label']}: {choice['probability']:.1%}")
         st.caption(f"{result['model']} version {result['version']} ({result['format']}) · "
                    f"round trip {result['latency_ms']:.0f} ms")
-    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="As the model saw it: 32×32, enlarged")
+    seen.image(shared.enlarged(result["input_png"], SEEN_PX), caption="As the model saw it: 32×32, enlarged",
+               alt=f"Your photo as the model saw it, 32 by 32 pixels, enlarged: it reads {result['label']}")
     with seen:
         explained("upload", result, image)
 
@@ -124,7 +157,9 @@ def explained(page: str, result: dict, image: bytes):
         return
     explanation = shared.explanation(page, result["model"], result["version"], image)
     if explanation:
-        st.image(shared.overlay(explanation, SEEN_PX), caption=f"Why {explanation['label']}: red for, blue against")
+        st.image(shared.overlay(explanation, SEEN_PX), caption=f"Why {explanation['label']}: red for, blue against",
+                 alt=f"What the model saw, tinted red where it made {explanation['label']} more likely and blue "
+                     "where it spoke against it")
 
 
 def every_answer(handler: str, image: bytes):

@@ -12,15 +12,16 @@ import numpy as np
 import requests
 import sqlalchemy.exc
 import streamlit as st
-import yaml
 from PIL import Image
 
-from handlers.prediction_log import PredictionLog, url_for_run_dir
-from serving.client import ServeError, TorchServeClient
+import catalog
+from prediction_table import PredictionTable, url_for_run_dir
+from serving.client import ServeError, TorchServeClient, read_properties
 
-ROOT = Path(__file__).resolve().parent.parent
-MODELS_YAML = ROOT / "model_store" / "models.yaml"
 HISTORY_LENGTH = 50  # rows of the prediction log on the History page
+# The prediction log's caller for "Predict while drawing": previews of a drawing in progress, which
+# History hides unless asked. Predict logs the drawing as the client's own ("ui").
+LIVE_CLIENT = "ui-live"
 # A worker answers in milliseconds; the margin is for a busy two-core machine, and stays under
 # TorchServe's own 30 s response timeout so that its message, not ours, explains a stuck worker.
 TIMEOUT_S = 20
@@ -36,16 +37,14 @@ LOG_ERRORS = (sqlalchemy.exc.SQLAlchemyError,)
 
 
 @st.cache_resource
-def prediction_log() -> PredictionLog | None:
+def prediction_log() -> PredictionTable | None:
     """The log TorchServe writes: $PREDICTION_LOG_URL, else predictions.db beside the server's key file."""
     url = url_for_run_dir(Path(client().key_file).parent)
-    return None if url == "off" else PredictionLog(url)
+    return None if url == "off" else PredictionTable(url)
 
 
 def class_names(model: str) -> list[str]:
-    from training.data import CLASSES  # torchvision: imported only when the History page needs it
-    from training.models import dataset_of
-    return list(CLASSES[dataset_of(model)])
+    return list(catalog.CLASSES[catalog.dataset_of(model)])
 
 
 def explain(error: Exception, subject: str) -> str:
@@ -89,7 +88,7 @@ def server_status():
 def models_for(handler: str) -> list[str]:
     """The models of model_store/models.yaml that `handler` serves: digit_handler.py takes drawings,
     image_handler.py photos."""
-    models = yaml.safe_load(MODELS_YAML.read_text())["models"]
+    models = catalog.load_settings()["models"]
     return [name for name, entry in models.items() if entry["handler"] == handler]
 
 
@@ -124,12 +123,12 @@ def predict(page: str, model: str, version: str, image: bytes, top_k: int, force
     """Ask TorchServe and remember the answer as the page's result (TorchServe logs it). Without
     `force`, the page's last answer to the same request is reused: Streamlit reruns the whole page on
     every click, and that should not send (and log) the same prediction again. `live`: a prediction
-    of a drawing still in progress, logged as client "ui-live" so the history tells it apart."""
+    of a drawing still in progress, logged as client LIVE_CLIENT so the history tells it apart."""
     if not force and (result := answered(page, model, version, image, top_k)):
         return result
     start = time.perf_counter()
     result = attempt(client().predict, model, image, version, top_k=top_k, return_input=True,
-                     subject=f"{model} {version}", **({"client": "ui-live"} if live else {}))
+                     subject=f"{model} {version}", **({"client": LIVE_CLIENT} if live else {}))
     if result is None:
         return None
     result["latency_ms"] = (time.perf_counter() - start) * 1000
@@ -216,10 +215,7 @@ def metrics_url() -> str:
     """TorchServe's Prometheus endpoint: $TS_METRICS_URL, else config.properties' metrics_address."""
     if os.environ.get("TS_METRICS_URL"):
         return os.environ["TS_METRICS_URL"].rstrip("/")
-    for line in (ROOT / "config.properties").read_text().splitlines():
-        if line.strip().startswith("metrics_address="):
-            return line.split("=", 1)[1].strip().rstrip("/")
-    return "http://127.0.0.1:8082"
+    return read_properties(catalog.TS_CONFIG)["metrics_address"].rstrip("/")
 
 
 def serving_metrics() -> list[tuple[str, dict, float]]:

@@ -51,6 +51,7 @@ export: $(EXPORTS)
 model_store/manifest.json: $(EXPORTS) model_store/models.yaml model_store/archive.py $(wildcard handlers/*.py) \
 		$(wildcard training/weights/*_calibration.json) | venv
 	$(PY) -m model_store.archive
+	$(PY) -m optimize.tune --unless-tuned  # each model's default: its fastest version on this CPU (~2 min)
 
 archive: model_store/manifest.json
 
@@ -106,7 +107,7 @@ clean: stop
 # Serving formats (optimize/formats.py): `make archive` builds and validates every format models.yaml
 # lists; these measure them in-process (results/formats/). The quick run is the CI smoke run's size.
 .PHONY: bench-formats bench-formats-quick tune
-tune: archive  # the fastest archived version per model on this CPU, as a worker runs it: results/tune.md
+tune: archive  # measure again: the fastest archived version per model on this CPU becomes its default
 	$(PY) -m optimize.tune
 
 bench-formats: archive

@@ -107,6 +107,27 @@ def read_manifest(store: Path | None = None) -> dict[tuple[str, str], dict]:
     return {(m["model"], m["version"]): m for m in entries}
 
 
+def served_defaults(store: Path | None = None) -> dict[str, str]:
+    """model -> the version the manifest makes its default (models.yaml's, or `make tune`'s choice)."""
+    return {model: version for (model, version), m in read_manifest(store).items() if m["default"]}
+
+
+# tuned.json: what `make tune` (optimize/tune.py) measured on this machine, with the fastest version
+# per model; machine-specific and git-ignored.
+def tuned_path(store: Path | None = None) -> Path:
+    return Path(store or STORE) / "tuned.json"
+
+
+def tuned_choices(store: Path | None = None) -> dict[str, str]:
+    """model -> its fastest version as `make tune` measured it on this CPU; empty when nothing was
+    measured here, or it was measured on another CPU (the fastest format differs between them)."""
+    path = tuned_path(store)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("machine") != machine():
+        return {}
+    return {model: r["chosen"] for model, r in record["models"].items() if "chosen" in r}  # older records: none
+
+
 # The machine.
 # The CPU flags that decide which kernels are fast (and which a compiled package may use): vector
 # width, bf16 and int8 dot products, AMX tiles.
@@ -132,6 +153,11 @@ def cpu_flags() -> set[str]:
 def cpu_isa() -> list[str]:
     flags = cpu_flags()
     return [f for f in ISA_FLAGS if f in flags]
+
+
+def machine() -> dict:
+    """What a measurement of speed holds for: the CPU model and its relevant flags."""
+    return {"cpu": cpu_name(), "flags": cpu_isa()}
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ this machine, under the same Locust load (`make bench-serving`).
 
 For each model it starts TorchServe alone on free ports once per setting (workers, batch size, batch
 delay, threads per worker, Netty threads, format), each from a copy of the model's archive whose
-model-config.yaml carries the setting, and runs USERS closed-loop users against it. The changes that
+model-config.yaml carries the setting, and runs USERS closed-loop users against it. The sweep starts
+from the served defaults: models.yaml's settings and each model's default version (`make tune`'s
+choice on this CPU); every other archived format is a point of it too. The changes that
 beat the current defaults are combined and measured too; the fastest point whose p99 stays within
 the limit (LeNet-5: the Flask baseline's p99; ResNet-18: the SLO) is "tuned" and measured side by
-side with the Flask baseline serving the same TorchScript export, under the same loads: USERS users
+side with the Flask baseline (the fp32 TorchScript export, one request per thread), under the same loads: USERS users
 for throughput and p99, and a step load for the knee (highest throughput with p99 under the SLO).
 LOADTEST_MODEL_STORE / LOADTEST_EXPORT_DIR (loadtest/settings.py) point it at other archives and
 exports than the project's. It also measures the HTTP floor
@@ -37,7 +39,7 @@ from loadtest.report import bench_markdown, machine, plot_sweep, ratio
 from loadtest.run import run_load
 from loadtest.servers import archived_formats, current_config, environment, flask_baseline, torchserve
 from loadtest.spec import PING, LoadSpec, Target
-from loadtest.tuning import ANY_FORMAT, SAME_FORMAT, ServingConfig, p99_limit, sweep
+from loadtest.tuning import ANY_FORMAT, DEFAULT_FORMAT, ServingConfig, p99_limit, sweep
 from serving import server
 
 SWEEP_S = 25  # seconds of load per sweep point (the first WARMUP_S are left out)
@@ -142,7 +144,7 @@ def ping_floor(out: Path, config: ServingConfig, duration: float) -> dict:
 def side_by_side(out: Path, models: list[str], flask: dict, tuned: dict, duration: float,
                  step_s: float) -> tuple[list[dict], dict]:
     """TorchServe with each tuned variant under the loads the baseline had; -> table rows, ratios."""
-    ping = ping_floor(out / "ts-ping", tuned[models[0]][SAME_FORMAT], duration)
+    ping = ping_floor(out / "ts-ping", tuned[models[0]][DEFAULT_FORMAT], duration)
     rows = [{"server": "Flask", "model": "ping", **flask["ping"]["series"]["total"],
              "other_cores": flask["ping"]["other_cores"]},
             {"server": "TorchServe", "model": "ping", **ping["series"]["total"], "other_cores": ping["other_cores"]}]
@@ -153,7 +155,7 @@ def side_by_side(out: Path, models: list[str], flask: dict, tuned: dict, duratio
               "cpu": flask[model]["cpu"]}
         rows.append(fl)
         variants = dict(tuned[model])
-        if variants[ANY_FORMAT] == variants[SAME_FORMAT]:
+        if variants[ANY_FORMAT] == variants[DEFAULT_FORMAT]:
             del variants[ANY_FORMAT]
         for i, (name, config) in enumerate(variants.items()):
             print(f"[torchserve tuned, {name}] {model}", flush=True)
@@ -168,11 +170,11 @@ def side_by_side(out: Path, models: list[str], flask: dict, tuned: dict, duratio
                                           "knee_vs_baseline_at_users": ratio(row["knee"], fl)}
         # What the per-request database write costs (the baseline writes none).
         with environment(PREDICTION_LOG_URL="off"):
-            unlogged = measure_torchserve(out / f"ts-{model}-unlogged", model, tuned[model][SAME_FORMAT], duration)
-        rows.append({"server": f"TorchServe (tuned, {SAME_FORMAT}, prediction log off)", "model": model,
+            unlogged = measure_torchserve(out / f"ts-{model}-unlogged", model, tuned[model][DEFAULT_FORMAT], duration)
+        rows.append({"server": f"TorchServe (tuned, {DEFAULT_FORMAT}, prediction log off)", "model": model,
                      **unlogged["summary"]["series"]["total"], "other_cores": unlogged["summary"]["other_cores"],
                      "cpu": unlogged["cpu"]})
-        ratios[f"{model}, {SAME_FORMAT}"]["throughput_log_off"] = ratio(rows[-1], fl)
+        ratios[f"{model}, {DEFAULT_FORMAT}"]["throughput_log_off"] = ratio(rows[-1], fl)
     return rows, ratios
 
 
@@ -191,19 +193,20 @@ def main(args):
     out = (args.out or settings.BENCH_DIR / time.strftime("%Y%m%d-%H%M%S")).resolve()  # TorchServe runs elsewhere
     out.mkdir(parents=True, exist_ok=True)
     models = [m for m in args.models if (settings.MODEL_STORE / archive_name(m, "1.0")).exists()]
-    base = current_config()
+    bases = {model: current_config(model) for model in models}  # each model's served default version
     results = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                "prediction_log": os.environ.get("PREDICTION_LOG_URL", "serving/server.py's default"),
-               "sweep_s": args.sweep_s, "final_s": args.final_s, "base": dataclasses.asdict(base),
+               "sweep_s": args.sweep_s, "final_s": args.final_s,
+               "base": {model: dataclasses.asdict(base) for model, base in bases.items()},
                "model_time": {m: probes.model_time(m) for m in models}, "sweep": {}, "tuned": {}}
     print(f"model time in-process: {results['model_time']}", flush=True)
     results["baseline"] = flask = baseline_runs(out / "flask", models, args.final_s, args.step_s)
     tuned = {}
     for model in models:
         limit = p99_limit(model, flask[model]["series"]["total"]["p99_ms"])
-        points, tuned[model] = tune(out, model, base, args.sweep_s, limit, args.only)
+        points, tuned[model] = tune(out, model, bases[model], args.sweep_s, limit, args.only)
         results["sweep"][model] = points
-        results["tuned"][model] = {name: {"name": config.differences(base, archived_formats(model)),
+        results["tuned"][model] = {name: {"name": config.differences(bases[model], archived_formats(model)),
                                           **dataclasses.asdict(config)} for name, config in tuned[model].items()}
     rows, ratios = side_by_side(out, models, flask, tuned, args.final_s, args.step_s)
     results.update(side_by_side=rows, ratios=ratios)

@@ -3,6 +3,7 @@ stopped after it (context managers): TorchServe serving one model alone with a S
 ports, and the Flask baseline; and the settings they start from (models.yaml `defaults:`,
 config.properties, the archives in settings.MODEL_STORE).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,13 +25,15 @@ from serving.client import read_properties
 BASELINE_START_S = 180  # the Flask app imports torch and loads the models before it answers /ping
 
 
-def current_config() -> ServingConfig:
-    """The shipped defaults: models.yaml's `defaults:` and config.properties' Netty threads."""
+def current_config(model: str | None = None) -> ServingConfig:
+    """The shipped defaults: models.yaml's `defaults:` and config.properties' Netty threads; with a
+    model, its served default version (`make tune`'s choice on this CPU, or models.yaml's)."""
     defaults, props = catalog.load_settings()["defaults"], read_properties(catalog.TS_CONFIG)
     serving = defaults["serving"]
-    return ServingConfig(serving["maxWorkers"], serving["batchSize"], serving["maxBatchDelay"],
-                         defaults["handler"]["threads"], int(props["number_of_netty_threads"]),
-                         serving["jobQueueSize"])
+    config = ServingConfig(serving["maxWorkers"], serving["batchSize"], serving["maxBatchDelay"],
+                           defaults["handler"]["threads"], int(props["number_of_netty_threads"]),
+                           serving["jobQueueSize"])
+    return dataclasses.replace(config, version=catalog.served_defaults(settings.MODEL_STORE)[model]) if model else config
 
 
 def archived_formats(model: str) -> dict[str, str]:

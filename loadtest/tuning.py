@@ -17,9 +17,9 @@ SWEEP = {"workers": (1, 2, 3), "batch_size": (1, 4, 8, 16), "max_batch_delay_ms"
 FRONTEND_SWEEP = {"netty_threads": (1, 2, 4)}
 # ResNet-18 only: a convolutional net's cost per image keeps falling with the batch (bench.md: model time)
 LARGE_BATCH_SWEEP = {"batch_size": (1, 4, 8, 16, 32)}
-# The two picks per model: among the Flask baseline's format (the current default version, TorchScript
-# fp32), and among every archived format.
-SAME_FORMAT, ANY_FORMAT = "baseline's format", "any format"
+# The two picks per model: among the served default's format (the current default version: `make
+# tune`'s choice on this CPU, or models.yaml's), and among every archived format.
+DEFAULT_FORMAT, ANY_FORMAT = "default's format", "any format"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +94,16 @@ def pick(points: list[dict], p99_limit_ms: float) -> ServingConfig:
 def sweep(measure: Callable[[ServingConfig, str], dict], model: str, base: ServingConfig, formats: dict[str, str],
           p99_limit_ms: float, only: list[str] = ()) -> tuple[list[dict], dict[str, ServingConfig]]:
     """Measure the sweep points (`only` those named, if given) and the combinations of their winning
-    changes; -> the points, and the pick among the baseline's format and among every format.
+    changes; -> the points, and the pick among the default's format and among every format.
     measure(config, run) -> the point without its name; `run` names the measurement ("00", ...,
     "combined-<n>"). Changes do not always add up (two workers with two threads each oversubscribe
     2 cores): combinations are measured, not assumed."""
     configs = [c for c in sweep_points(model, base, formats) if not only or c.differences(base, formats) in only]
     points = [{"name": c.differences(base, formats), **measure(c, f"{i:02d}")} for i, c in enumerate(configs)]
-    same_format = lambda: [p for p in points if p["config"]["version"] == base.version]  # noqa: E731
-    for scope in (same_format, lambda: points):
+    default_format = lambda: [p for p in points if p["config"]["version"] == base.version]  # noqa: E731
+    for scope in (default_format, lambda: points):
         combined = combined_config(base, scope(), p99_limit_ms)
         if combined not in [ServingConfig(**p["config"]) for p in points]:
             points.append({"name": f"combined: {combined.differences(base, formats)}",
                            **measure(combined, f"combined-{len(points)}")})
-    return points, {SAME_FORMAT: pick(same_format(), p99_limit_ms), ANY_FORMAT: pick(points, p99_limit_ms)}
+    return points, {DEFAULT_FORMAT: pick(default_format(), p99_limit_ms), ANY_FORMAT: pick(points, p99_limit_ms)}

@@ -17,6 +17,10 @@ A version in models.yaml is either `"1.1": onnx` (loaded at start) or
 `"1.3": {format: onnx_int8, load: false}`: archived, but left out of TorchServe's start-up set (each
 worker costs ~400 MB and start-up time); `python -m serving.modelctl register <archive>` serves it.
 
+The default version (the manifest's `default`, loaded at start whatever models.yaml says) is the one
+`make tune` measured fastest on this CPU (model_store/tuned.json, optimize/tune.py), else models.yaml's
+`default`. `make archive` runs the tuning itself when nothing was measured on this CPU yet.
+
 `classifier(model, spec)` builds, in-process, the handlers' Classifier exactly as an archive of that
 version serves (the Flask baseline and the tests use it).
 """
@@ -126,19 +130,19 @@ def admission(model: str, spec: VersionSpec, data_dir) -> tuple[dict | None, str
 
 def build_archive(settings: dict, model: str, version: str, spec: VersionSpec, record: dict) -> dict:
     serialized = serialized_path(model, spec.format)
-    entry = settings["models"][model]
+    handler = settings["models"][model]["handler"]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model-config.yaml"
         config.write_text(yaml.safe_dump(model_config(settings, model, spec), sort_keys=False))
         subprocess.run([str(Path(sys.executable).parent / "torch-model-archiver"),
                         "--model-name", model, "--version", version, "--serialized-file", str(serialized),
-                        "--handler", str(catalog.HANDLERS_DIR / entry["handler"]),
+                        "--handler", str(catalog.HANDLERS_DIR / handler),
                         "--extra-files", ",".join(str(catalog.HANDLERS_DIR / f) for f in HANDLER_MODULES),
                         "--config-file", str(config), "--export-path", tmp, "--force"], check=True)
         shutil.move(Path(tmp) / f"{model}.mar", catalog.STORE / archive_name(model, version))
     return dict(model=model, version=version, format=spec.format, tta=spec.tta,
                 precision=FORMATS[spec.format].precision, archive=archive_name(model, version),
-                default=version == entry["default"], load_at_start=spec.load,
+                default=False, load_at_start=spec.load,  # both set by mark_defaults
                 weights_sha256=weights_sha256(model),
                 test_accuracy=record["accuracy"], fp32_test_accuracy=record["fp32_accuracy"],
                 accuracy_delta_points=record["accuracy_delta_points"], top1_agreement=record["top1_agreement"],
@@ -170,23 +174,53 @@ def main(args):
             print(f"archived {archive_name(model, version)} ({variant}: {100 * record['accuracy']:.2f}%, "
                   f"{record['accuracy_delta_points']:+.2f} points vs fp32)"
                   f"{'' if spec.load else ', not loaded at start'}")
-    catalog.manifest_path().write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])), indent=1))
-    summarize(settings, models, manifest)
+    summarize(settings, models, manifest, write_manifest(settings, manifest))
 
 
-def summarize(settings: dict, models: list[str], manifest: list[dict]):
-    """Say what will be served where a version is missing; exit 1 when a model has no archive at all."""
+def mark_defaults(settings: dict, manifest: list[dict], store: Path | None = None) -> dict[str, str]:
+    """Set each entry's `default` and `load_at_start`: per model, the version `make tune` measured
+    fastest on this CPU when it is archived, else models.yaml's default; the default is loaded at
+    start. Returns model -> where its default came from: "tuned", or "configured" (models.yaml)."""
+    tuned, source = catalog.tuned_choices(store), {}
+    for model in {m["model"] for m in manifest}:
+        entries = [m for m in manifest if m["model"] == model]
+        specs = catalog.versions(settings, model) if model in settings["models"] else {}
+        default = tuned.get(model)
+        source[model] = "tuned" if default in {m["version"] for m in entries} else "configured"
+        if source[model] == "configured":
+            default = settings["models"].get(model, {}).get("default")
+        for m in entries:
+            m["default"] = m["version"] == default
+            m["load_at_start"] = m["default"] or (specs[m["version"]].load if m["version"] in specs
+                                                   else m["load_at_start"])
+    return source
+
+
+def write_manifest(settings: dict, manifest: list[dict], store: Path | None = None) -> dict[str, str]:
+    """manifest.json of `store` with its defaults marked (mark_defaults, whose result it returns)."""
+    source = mark_defaults(settings, manifest, store)
+    catalog.manifest_path(store).write_text(json.dumps(sorted(manifest, key=lambda m: (m["model"], m["version"])),
+                                                       indent=1))
+    return source
+
+
+def summarize(settings: dict, models: list[str], manifest: list[dict], source: dict[str, str]):
+    """Say which version each model serves as its default and why; exit 1 when a model has no archive."""
     empty = []
     for model in models:
-        entry, archived = settings["models"][model], [m["version"] for m in manifest if m["model"] == model]
+        entries = [m for m in manifest if m["model"] == model]
         if not (catalog.EXPORT_DIR / model).exists():
             continue  # no shipped weights yet: said above, not an error
-        if not archived:
+        if not entries:
             empty.append(model)
-        elif entry["default"] not in archived:
-            started = [v for v in archived if version_spec(entry["versions"][v]).load] or archived
-            print(f"note: {model}'s default version {entry['default']} is not archived here; TorchServe serves "
-                  f"{started[0]} as its default", file=sys.stderr)
+            continue
+        default = next((m["version"] for m in entries if m["default"]), None)
+        if source.get(model) == "tuned":
+            print(f"{model}: default {default}, the fastest on this CPU (model_store/tuned.json: make tune)")
+        elif default is None:
+            started = next((m["version"] for m in entries if m["load_at_start"]), entries[0]["version"])
+            print(f"note: {model}'s default version {settings['models'][model]['default']} is not archived here; "
+                  f"TorchServe serves {started} as its default", file=sys.stderr)
     if empty:
         sys.exit(f"error: nothing archived for {', '.join(empty)} (see the reasons above)")
 

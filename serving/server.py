@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 import requests
 
 import catalog
-from catalog import archive_name
 from prediction_table import spool_dir_for_run_dir, url_for_run_dir
 from serving import keys
 from serving.client import TorchServeClient, read_properties
@@ -62,17 +61,18 @@ def free_ports() -> dict:
 
 
 def startup_models(store: Path | None = None) -> list[str]:
-    """`name=archive` for every archived version not marked `load: false` in models.yaml, each model's
-    default version first (TorchServe makes the first version it loads the default). The others are
-    registered on demand: `python -m serving.modelctl register <archive>`. A model none of whose
-    start-up versions is archived (e.g. built without the data sets) starts with its first archived one."""
-    settings, models, store = catalog.load_settings(), [], Path(store or catalog.STORE)
-    for model, entry in settings["models"].items():
-        specs = catalog.versions(settings, model)
-        versions = sorted(specs, key=lambda v: v != entry["default"])
-        archived = [v for v in versions if (store / archive_name(model, v)).exists()]
-        started = [v for v in archived if specs[v].load] or archived[:1]
-        models += [f"{model}={archive_name(model, v)}" for v in started]
+    """`name=archive` for every version the store's manifest marks load_at_start (models.yaml's versions
+    without `load: false`, and the default: model_store/archive.py mark_defaults), each model's default
+    first (TorchServe makes the first version it loads the default), models in models.yaml's order. The
+    others are registered on demand: `python -m serving.modelctl register <archive>`. A model none of
+    whose start-up versions is archived (e.g. built without the data sets) starts with its first one."""
+    store = Path(store or catalog.STORE)
+    archived = [m for m in catalog.read_manifest(store).values() if (store / m["archive"]).exists()]
+    models = []
+    for model in catalog.load_settings()["models"]:
+        entries = sorted((m for m in archived if m["model"] == model), key=lambda m: not m["default"])
+        started = [m for m in entries if m["load_at_start"]] or entries[:1]
+        models += [f"{model}={m['archive']}" for m in started]
     return models
 
 

@@ -45,6 +45,12 @@ def cifar_test():
     return load_cifar10(DATA_DIR, train=False)
 
 
+def served_default(model: str) -> str:
+    """The version the archived manifest makes `model`'s default: `make tune`'s choice on this CPU, or
+    models.yaml's (model_store/archive.py mark_defaults)."""
+    return catalog.served_defaults()[model]
+
+
 def start_torchserve(run_dir, models=None, overrides=None):
     """Start the real TorchServe (Java frontend, Python workers) on free ports, serving every archive
     (or `models`), with config.properties' settings changed by `overrides`. Returns its client;

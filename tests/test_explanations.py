@@ -11,6 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
+import catalog
+from conftest import served_default
 from drawing import draw_digit, png_bytes
 from prediction_table import PredictionTable, url_for_run_dir
 from serving.client import ServeError
@@ -37,9 +39,10 @@ def test_a_drawn_digit_is_explained_by_its_ink(torchserve, digit):
     explained = torchserve.explain(MODEL, image)
     elapsed = time.perf_counter() - started
     predicted = torchserve.predict(MODEL, image, return_input=True)
+    default = served_default(MODEL)
     assert explained["index"] == predicted["index"] == digit and explained["label"] == str(digit)
     assert explained["confidence"] == pytest.approx(predicted["confidence"], abs=1e-6)
-    assert (explained["model"], explained["version"], explained["format"]) == (MODEL, "1.0", "torchscript")
+    assert (explained["model"], explained["version"], explained["format"]) == (MODEL, default, catalog.read_manifest()[(MODEL, default)]["format"])
     attribution = check_map(explained, (28, 28))
     pixels = seen(explained)
     assert (pixels == seen(predicted)).all()  # the map is over exactly what the model saw
@@ -51,7 +54,7 @@ def test_a_drawn_digit_is_explained_by_its_ink(torchserve, digit):
 
 
 def test_formats_without_gradients_and_photos_are_explained(torchserve):
-    """ONNX (1.1) has no gradients: occlusion drives the archive's own runtime. ResNet-18's default is INT8 ONNX."""
+    """ONNX (1.1) has no gradients: occlusion drives the archive's own runtime, whichever ResNet-18's default is."""
     onnx = torchserve.explain(MODEL, png_bytes(draw_digit(4)), version="1.1")
     assert (onnx["version"], onnx["format"], onnx["index"]) == ("1.1", "onnx", 4)
     check_map(onnx, (28, 28))
@@ -60,7 +63,8 @@ def test_formats_without_gradients_and_photos_are_explained(torchserve):
     photo[24:] = (200, 170, 120)
     explained = torchserve.explain("cifar10_resnet18", png_bytes(Image.fromarray(photo)))
     predicted = torchserve.predict("cifar10_resnet18", png_bytes(Image.fromarray(photo)))
-    assert explained["format"] == "onnx_int8" and explained["index"] == predicted["index"]
+    default = catalog.read_manifest()[("cifar10_resnet18", served_default("cifar10_resnet18"))]
+    assert explained["format"] == default["format"] and explained["index"] == predicted["index"]
     check_map(explained, (32, 32))
     assert seen(explained).shape == (32, 32, 3)
 

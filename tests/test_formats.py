@@ -21,12 +21,38 @@ LENET5_FLOPS = 2 * (6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84
 
 
 @pytest.mark.integration
-def test_only_versions_without_load_false_start_and_defaults_come_first():
-    """model_store/models.yaml as committed: written out here rather than recomputed with the code's own parser."""
-    started = server.startup_models()
-    assert started == ["mnist_lenet5=mnist_lenet5_v1.0.mar", "mnist_lenet5=mnist_lenet5_v1.1.mar",
-                       "mnist_alexnet=mnist_alexnet_v1.0.mar",
-                       "cifar10_resnet18=cifar10_resnet18_v1.3.mar", "cifar10_resnet18=cifar10_resnet18_v1.0.mar"]
+def test_start_up_set_and_defaults_follow_the_tuning_of_this_cpu_only(tmp_path):
+    """models.yaml as committed (written out here rather than recomputed with the code's own parser):
+    before `make tune` measured this CPU its defaults start first; after, the chosen version is the
+    default and starts too, though models.yaml says `load: false`; a measurement of another CPU, or a
+    choice that is not archived, changes nothing."""
+    settings, manifest = catalog.load_settings(), [dict(m) for m in catalog.read_manifest().values()]
+    for entry in manifest:
+        (tmp_path / entry["archive"]).symlink_to(catalog.STORE / entry["archive"])
+
+    def tuned(machine: dict, chosen: dict) -> dict:
+        catalog.tuned_path(tmp_path).write_text(json.dumps(
+            {"machine": machine, "models": {model: {"chosen": version} for model, version in chosen.items()}}))
+        return archive.write_manifest(settings, manifest, tmp_path)
+
+    untuned = ["mnist_lenet5=mnist_lenet5_v1.1.mar", "mnist_lenet5=mnist_lenet5_v1.0.mar",
+               "mnist_alexnet=mnist_alexnet_v1.1.mar",
+               "cifar10_resnet18=cifar10_resnet18_v1.3.mar", "cifar10_resnet18=cifar10_resnet18_v1.0.mar"]
+    archive.write_manifest(settings, manifest, tmp_path)
+    assert server.startup_models(tmp_path) == untuned
+    assert tuned(catalog.machine(), {MODEL: "1.5", "cifar10_resnet18": "1.3"}) == \
+        {MODEL: "tuned", "cifar10_resnet18": "tuned", "mnist_alexnet": "configured"}
+    assert server.startup_models(tmp_path)[:3] == [f"{MODEL}={MODEL}_v1.5.mar", f"{MODEL}={MODEL}_v1.0.mar",
+                                                   f"{MODEL}={MODEL}_v1.1.mar"]
+    assert server.startup_models(tmp_path)[3:] == untuned[2:]
+    assert catalog.served_defaults(tmp_path) == {MODEL: "1.5", "mnist_alexnet": "1.1", "cifar10_resnet18": "1.3"}
+    tuned({"cpu": "another CPU", "flags": []}, {MODEL: "1.5"})
+    assert server.startup_models(tmp_path) == untuned
+    assert tuned(catalog.machine(), {MODEL: "9.9"})[MODEL] == "configured"  # not archived
+    assert server.startup_models(tmp_path) == untuned
+
+
+def test_a_bad_version_entry_is_refused_by_name():
     for bad in ({"format": "onnx", "serve": False}, "onnx_int4", {"load": False}, {"format": "onnx", "tta": "rotate"}):
         with pytest.raises(ValueError, match="bad version entry"):
             archive.version_spec(bad)
@@ -37,8 +63,8 @@ def test_reduced_precision_archives_hold_their_format_and_validated_accuracy():
     entries = catalog.read_manifest()
     for fmt, version in REDUCED.items():
         entry = entries[(MODEL, version)]
-        assert (entry["format"], entry["precision"], entry["load_at_start"]) == (fmt, formats.FORMATS[fmt].precision,
-                                                                                   False)
+        assert (entry["format"], entry["precision"]) == (fmt, formats.FORMATS[fmt].precision)
+        assert entry["load_at_start"] == entry["default"]  # `load: false`, unless `make tune` chose it here
         assert entry["accuracy_delta_points"] >= -validate.MAX_ACCURACY_LOSS and entry["top1_agreement"] >= 0.99
         with zipfile.ZipFile(catalog.STORE / entry["archive"]) as mar:
             meta = json.loads(mar.read("MAR-INF/MANIFEST.json"))

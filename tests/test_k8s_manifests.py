@@ -81,10 +81,11 @@ def quantity(value) -> float:
 
 
 def startup_versions() -> int:
-    """Versions serving/server.py and the image load at start: those of models.yaml not `load: false`."""
+    """Versions serving/server.py and the image load at start, at most: those of models.yaml not
+    `load: false`, and per model the default `make tune` may choose on the build machine."""
     models = yaml.safe_load((ROOT / "model_store" / "models.yaml").read_text())["models"]
     return sum(not (isinstance(v, dict) and v.get("load") is False)
-               for m in models.values() for v in m["versions"].values())
+               for m in models.values() for v in m["versions"].values()) + len(models)
 
 
 def properties(text: str) -> dict:

@@ -11,6 +11,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from conftest import served_default
 from drawing import draw_digit, png_bytes
 from prediction_table import PredictionTable, url_for_run_dir
 
@@ -71,7 +72,7 @@ def test_drawn_digits_in_both_input_forms(torchserve):
         assert probs.shape == (4, 10) and probs.dtype == np.float32
         assert np.allclose(probs.sum(1), 1, atol=1e-5) and (probs.argmax(1) == DIGITS).all()
         response = result.get_response()
-        assert (response["model_name"], response["model_version"]) == (MODEL, "1.0")
+        assert (response["model_name"], response["model_version"]) == (MODEL, served_default(MODEL))
     # the same images, the same preprocessing and model, whichever form: and /predictions agrees
     assert np.allclose(from_files.as_numpy("probabilities"), from_pixels.as_numpy("probabilities"), atol=1e-6)
     single = torchserve.predict(MODEL, pngs[3])

@@ -28,7 +28,7 @@ from prediction_log import (INPUT_SAMPLE_RATE, PRUNE_BATCH_ROWS, SPOOL_SUFFIX, P
 from prediction_table import CONNECT_TIMEOUT_S, PredictionTable, decode_pixels, predictions, url_for_run_dir
 from image_handler import cifar_style
 from serving import server
-from conftest import ROOT, start_torchserve
+from conftest import ROOT, served_default, start_torchserve
 
 LENET = "mnist_lenet5=mnist_lenet5_v1.0.mar"
 # No background work in the test process: a test that wants a replay or a prune calls it.
@@ -263,7 +263,9 @@ def test_every_successful_prediction_is_recorded_once(torchserve):
     tag = f"test-{uuid.uuid4().hex[:8]}"
     good = [png_bytes(draw_digit(d)) for d in (0, 1, 4, 7)] * 25
     bad = [b"not an image"] * 10
-    answered = send(torchserve, good + bad, tag) + send(torchserve, good[:20], tag, version="1.1")
+    default = served_default("mnist_lenet5")
+    other = "1.0" if default != "1.0" else "1.1"  # both loaded at start
+    answered = send(torchserve, good + bad, tag) + send(torchserve, good[:20], tag, version=other)
     assert len(answered) == 120
     assert log.count(client=tag) == 120  # rows == successful responses; refused requests are not predictions
     rows = {r["request_id"]: r for r in log.recent(limit=500, client=tag)}
@@ -273,7 +275,7 @@ def test_every_successful_prediction_is_recorded_once(torchserve):
                                                                  answered[0]["version"])
     assert len(row["input_sha256"]) == 64 and row["latency_ms"] > 0
     assert decode_pixels(row).shape == (28, 28)
-    assert {r["version"] for r in rows.values()} == {"1.0", "1.1"} and row["top_k"][0]["label"] == row["label"]
+    assert {r["version"] for r in rows.values()} == {default, other} and row["top_k"][0]["label"] == row["label"]
     rate = Settings.from_env().input_sample_rate  # what the server was started with
     assert all((r["input_bytes"] is not None) == keeps_input(r["request_id"], rate) for r in rows.values())
     assert all(r["input_bytes"] in good for r in rows.values() if r["input_bytes"] is not None)

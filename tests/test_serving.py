@@ -9,7 +9,7 @@ import requests
 from PIL import Image
 
 from drawing import draw_digit, png_bytes
-from conftest import shipped
+from conftest import served_default, shipped
 from catalog import CIFAR10_CLASSES, load_settings
 from model_store import archive
 from serving.client import ServeError
@@ -41,7 +41,7 @@ def test_all_models_of_the_zoo_are_served_at_once(torchserve):
 def test_drawn_digit_is_predicted(torchserve, digit):
     result = torchserve.predict("mnist_lenet5", png_bytes(draw_digit(digit)))
     assert result["index"] == digit and result["label"] == str(digit)
-    assert result["model"] == "mnist_lenet5" and result["version"] == "1.0"
+    assert result["model"] == "mnist_lenet5" and result["version"] == served_default("mnist_lenet5")
     assert 0.5 < result["confidence"] <= 1.0
     assert [t["index"] for t in result["top_k"]][0] == digit and len(result["top_k"]) == 3
 

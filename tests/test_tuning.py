@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from loadtest import tuning
-from loadtest.tuning import ANY_FORMAT, MIN_GAIN, SAME_FORMAT, ServingConfig
+from loadtest.tuning import ANY_FORMAT, MIN_GAIN, DEFAULT_FORMAT, ServingConfig
 
 BASE = ServingConfig(workers=1, batch_size=8, max_batch_delay_ms=5, threads=1, netty_threads=2, version="1.0")
 FORMATS = {"1.0": "torchscript", "1.1": "onnx", "1.3": "onnx_int8"}
@@ -82,7 +82,7 @@ def test_the_sweep_measures_each_point_once_and_the_combinations_it_needs():
     assert runs[-2:] == [(changed(workers=2, batch_size=4), f"combined-{len(configs) - 2}"),
                          (changed(workers=2, batch_size=4, version="1.3"), f"combined-{len(configs) - 1}")]
     assert points[-1]["name"] == "combined: workers=2, batch_size=4, version=1.3 (onnx_int8)"
-    assert picks == {SAME_FORMAT: changed(workers=2, batch_size=4), ANY_FORMAT: changed(version="1.3")}
+    assert picks == {DEFAULT_FORMAT: changed(workers=2, batch_size=4), ANY_FORMAT: changed(version="1.3")}
 
 
 def test_a_sweep_of_the_defaults_alone_measures_nothing_more():
@@ -90,7 +90,7 @@ def test_a_sweep_of_the_defaults_alone_measures_nothing_more():
     points, picks = tuning.sweep(lambda c, run: runs.append(run) or point(c, 100), "mnist_lenet5", BASE, FORMATS,
                                  LIMIT_MS, only=["current defaults"])
     assert runs == ["00"] and [p["name"] for p in points] == ["current defaults"]
-    assert picks == {SAME_FORMAT: BASE, ANY_FORMAT: BASE}
+    assert picks == {DEFAULT_FORMAT: BASE, ANY_FORMAT: BASE}
 
 
 @pytest.mark.parametrize("model, baseline_p99, limit", [("mnist_lenet5", 50.9, 50.9), ("cifar10_resnet18", 229.9, 100)])

@@ -22,7 +22,7 @@ from playwright.sync_api import expect, sync_playwright
 import catalog
 from drawing import STROKES, draw_digit, png_bytes
 from serving import server
-from conftest import ARTIFACTS, ROOT, start_torchserve
+from conftest import ARTIFACTS, ROOT, served_default, start_torchserve
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -214,7 +214,7 @@ def test_drawn_digits_are_recognised_and_listed_in_history(ui):
     expect(predicted_digit(ui)).to_have_text("7")
     expect(ui.get_by_test_id("stMetric").filter(has_text="Confidence")).to_contain_text(re.compile(r"\d+\.\d%"))
     expect(ui.get_by_test_id("stMetric").filter(has_text="Round trip")).to_contain_text(re.compile(r"\d+ ms"))
-    expect(ui.get_by_text(f"{DIGIT_MODEL} version 1.0")).to_be_visible()
+    expect(ui.get_by_text(f"{DIGIT_MODEL} version {served_default(DIGIT_MODEL)}")).to_be_visible()
     expect(ui.get_by_test_id("stImage")).to_be_visible()  # the 28x28 input, enlarged
     screenshot(ui, "draw")
 
@@ -442,40 +442,43 @@ def test_a_non_image_upload_is_a_message_and_a_huge_photo_is_shrunk(ui, ui_serve
 
 
 def test_new_default_version_serves_the_next_prediction(ui, ui_server):
+    default = served_default(DIGIT_MODEL)
+    other = "1.0" if default != "1.0" else "1.1"  # both loaded at start (models.yaml), whichever is the default
+    fmt = catalog.read_manifest()[(DIGIT_MODEL, other)]["format"]
     go(ui, "Models")
     section = ui.locator(f".st-key-model_{DIGIT_MODEL}")
-    expect(section).to_contain_text("Default version: 1.0")
-    expect(section.locator("table").first).to_contain_text("onnx")  # the versions
+    expect(section).to_contain_text(f"Default version: {default}")
+    expect(section.locator("table").first).to_contain_text(fmt)  # the versions
     screenshot(ui, "models")
     set_default, dialog = section.get_by_role("button", name="Set default…"), ui.get_by_role("dialog")
     try:
-        section.get_by_test_id("stRadio").get_by_text("1.1", exact=True).click()
+        section.get_by_test_id("stRadio").get_by_text(other, exact=True).click()
         set_default.click()  # asks first, in a dialog
-        expect(dialog).to_contain_text(f"Make 1.1 the default version of {DIGIT_MODEL}?")
+        expect(dialog).to_contain_text(f"Make {other} the default version of {DIGIT_MODEL}?")
         dialog.get_by_role("button", name="Cancel").click()  # taken back: nothing changes
         expect(dialog).to_have_count(0)
         settle(ui)
-        expect(section).to_contain_text("Default version: 1.0")
-        assert ui_server.default_version(DIGIT_MODEL) == "1.0"
+        expect(section).to_contain_text(f"Default version: {default}")
+        assert ui_server.default_version(DIGIT_MODEL) == default
         set_default.click()
         dialog.get_by_role("button", name="Set default", exact=True).click()
-        expect(ui.get_by_test_id("stAlertContentSuccess")).to_contain_text("version 1.1 is now the default")
+        expect(ui.get_by_test_id("stAlertContentSuccess")).to_contain_text(f"version {other} is now the default")
         expect(dialog).to_have_count(0)
-        expect(section).to_contain_text("Default version: 1.1")
-        assert ui_server.default_version(DIGIT_MODEL) == "1.1"
+        expect(section).to_contain_text(f"Default version: {other}")
+        assert ui_server.default_version(DIGIT_MODEL) == other
 
         go(ui, "Draw a digit")
         version = ui.get_by_test_id("stRadio").filter(has_text="Version")
-        expect(version.locator("label:has(input:checked)")).to_have_text("1.1 (default)")
+        expect(version.locator("label:has(input:checked)")).to_have_text(f"{other} (default)")
         draw_and_predict(ui, 7)
         expect(predicted_digit(ui)).to_have_text("7")
-        expect(ui.get_by_text(f"{DIGIT_MODEL} version 1.1 (onnx)")).to_be_visible()
+        expect(ui.get_by_text(f"{DIGIT_MODEL} version {other} ({fmt})")).to_be_visible()
         clear(ui)
         go(ui, "History")
-        expect(history_rows(ui).first).to_contain_text("1.1")
+        expect(history_rows(ui).first).to_contain_text(other)
         screenshot(ui, "history")
     finally:
-        ui_server.set_default(DIGIT_MODEL, "1.0")
+        ui_server.set_default(DIGIT_MODEL, default)
 
 
 def test_models_page_has_the_model_card_archived_versions_and_live_figures(ui, ui_server):

@@ -129,6 +129,7 @@ def draw(page, digit: int, pause_ms: int = 0, steps: int = 12):
     `steps` pointer moves along each line, the pen lifted `pause_ms` between two strokes."""
     canvas, box = page.locator("canvas.upper-canvas"), None
     while box is None:  # after Clear a new canvas mounts: the old one may go between these two lines
+        expect(canvas).to_have_count(1)  # Clear's new canvas (a new key) mounts before the old one goes
         expect(canvas).to_be_visible()
         box = canvas.bounding_box()
     for n, stroke in enumerate(STROKES[digit]):

@@ -63,7 +63,9 @@ class OpenVinoRuntime:
     """OpenVINO on the CPU, from an ONNX file: fp32 (model.onnx) or INT8 QDQ (model_int8.onnx, whose
     Q/DQ pairs OpenVINO runs as int8 kernels: VNNI or AMX). Inference precision bf16 where the CPU has
     bf16 arithmetic (AMX, AVX-512 BF16), else f32; one stream of `threads` threads per worker, as the
-    other runtimes (TorchServe's workers are the parallelism)."""
+    other runtimes (TorchServe's workers are the parallelism). No CPU pinning: by default OpenVINO pins
+    the thread to the first core while it infers, so two one-thread workers shared one core and served
+    half the images/s (BENCHMARKS.md)."""
 
     def __init__(self, path, threads):
         import openvino as ov  # only archives of an OpenVINO format need it
@@ -71,7 +73,7 @@ class OpenVinoRuntime:
         core = ov.Core()
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.model = core.compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                      "PERFORMANCE_HINT": "LATENCY",
+                                                      "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False,
                                                       "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"})
         self.request = self.model.create_infer_request()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catalog import CLASSES, dataset_of
+from catalog import CLASSES, dataset_of, load_settings, versions
 from loadtest.flask_baseline import Predictor
 from loadtest.settings import MIN_MARGIN, POOL_SIZE
 from tests.drawing import STROKES, draw_digit, png_bytes
@@ -70,13 +70,22 @@ def labeled_pool(model: str, data_dir: Path, size: int = POOL_SIZE) -> list[Samp
     """Images `model` labels right (or, without a true label, confidently), with that label."""
     reference = Predictor(model)
     images = candidates(dataset_of(model), data_dir, size)
-    probs = reference.probabilities([reference.pixels(image) for image, _ in images])
+    pixels = [reference.pixels(image) for image, _ in images]
+    probs = reference.probabilities(pixels)
+    # A flip-TTA version (models.yaml `tta: flip`) answers the mean of the logits of the image and its
+    # mirror: an image whose mirror gets the same label gets it from the mean too.
+    mirror = (reference.probabilities([p[:, ::-1] for p in pixels]).argmax(1) if has_flip_tta(model)
+              else probs.argmax(1))
     top2 = np.sort(probs, axis=1)[:, -2:]
     pool = []
-    for (image, truth), p, (second, first) in zip(images, probs, top2):
+    for (image, truth), p, (second, first), mirrored in zip(images, probs, top2, mirror):
         label = reference.classes[int(p.argmax())]
-        if first - second >= MIN_MARGIN and truth in (None, label):
+        if first - second >= MIN_MARGIN and truth in (None, label) and mirrored == p.argmax():
             pool.append(Sample(image, label))
     if not pool:
         raise RuntimeError(f"no image of {dataset_of(model)} is labelled with a margin >= {MIN_MARGIN} by {model}")
     return pool
+
+
+def has_flip_tta(model: str) -> bool:
+    return any(spec.tta == "flip" for spec in versions(load_settings(), model).values())

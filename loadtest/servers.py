@@ -27,9 +27,11 @@ BASELINE_START_S = 180  # the Flask app imports torch and loads the models befor
 
 def current_config(model: str | None = None) -> ServingConfig:
     """The shipped defaults: models.yaml's `defaults:` and config.properties' Netty threads; with a
-    model, its served default version (`make tune`'s choice on this CPU, or models.yaml's)."""
-    defaults, props = catalog.load_settings()["defaults"], read_properties(catalog.TS_CONFIG)
-    serving = defaults["serving"]
+    model, its own `serving:` settings and its served default version (`make tune`'s choice on this
+    CPU, or models.yaml's)."""
+    yaml_settings, props = catalog.load_settings(), read_properties(catalog.TS_CONFIG)
+    defaults = yaml_settings["defaults"]
+    serving = dict(defaults["serving"], **(yaml_settings["models"][model].get("serving", {}) if model else {}))
     config = ServingConfig(serving["maxWorkers"], serving["batchSize"], serving["maxBatchDelay"],
                            defaults["handler"]["threads"], int(props["number_of_netty_threads"]),
                            serving["jobQueueSize"])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageDraw
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError, expect, sync_playwright
 
 import catalog
 from drawing import STROKES, draw_digit, png_bytes
@@ -517,6 +517,24 @@ def opened(section, title: str):
     return expander
 
 
+def enter_number(group, label: str, value: int):
+    """Type `value` into `group`'s number input labelled `label` and enter it. A rerun in progress
+    mounts the input anew (for a moment twice, the new one empty of what was typed): wait for one, and
+    type again when the value did not stay."""
+    field = group.get_by_test_id("stNumberInput").filter(has_text=label).locator("input")
+    for _ in range(3):
+        expect(field).to_have_count(1)
+        try:
+            field.fill(str(value))
+            field.press("Enter")
+        except PlaywrightError:  # the strict locator met two inputs: the rerun mounted the new one
+            continue
+        settle(group.page)
+        if field.count() == 1 and field.input_value() == str(value):
+            return
+    expect(field).to_have_value(str(value))
+
+
 def choose(selectbox, option: str):
     """Pick `option` in a selectbox by keyboard, typed and entered: a click in its list scrolls the page
     when the list opens near the bottom, and a scroll closes the list."""
@@ -557,10 +575,7 @@ def test_an_archived_version_is_registered_and_scaled_from_the_models_page(ui, u
 
         manage = opened(section, "Register or scale versions")
         choose(manage.get_by_test_id("stSelectbox").filter(has_text="Registered version"), version)
-        workers = manage.get_by_test_id("stNumberInput").filter(has_text="Workers").locator("input")
-        workers.fill("2")
-        workers.press("Enter")
-        settle(ui)
+        enter_number(manage, "Workers", 2)
         manage.get_by_role("button", name="Scale…").click()
         expect(dialog).to_contain_text(f"Run 2 worker(s) for {DIGIT_MODEL} {version}?")
         dialog.get_by_role("button", name="Scale", exact=True).click()

@@ -79,6 +79,11 @@ def load_settings(path: Path | None = None) -> dict:
     return yaml.safe_load(Path(path or MODELS_YAML).read_text())
 
 
+def serving_settings(settings: dict, model: str | None = None) -> dict:
+    """models.yaml's TorchServe settings (`defaults.serving`), with `model`'s own `serving:` over them."""
+    return dict(settings["defaults"]["serving"], **(settings["models"][model].get("serving", {}) if model else {}))
+
+
 def version_spec(value) -> VersionSpec:
     """A version's value in models.yaml -> its VersionSpec."""
     spec = {"format": value} if isinstance(value, str) else dict(value) if isinstance(value, dict) else {}

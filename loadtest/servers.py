@@ -30,8 +30,7 @@ def current_config(model: str | None = None) -> ServingConfig:
     model, its own `serving:` settings and its served default version (`make tune`'s choice on this
     CPU, or models.yaml's)."""
     yaml_settings, props = catalog.load_settings(), read_properties(catalog.TS_CONFIG)
-    defaults = yaml_settings["defaults"]
-    serving = dict(defaults["serving"], **(yaml_settings["models"][model].get("serving", {}) if model else {}))
+    defaults, serving = yaml_settings["defaults"], catalog.serving_settings(yaml_settings, model)
     config = ServingConfig(serving["maxWorkers"], serving["batchSize"], serving["maxBatchDelay"],
                            defaults["handler"]["threads"], int(props["number_of_netty_threads"]),
                            serving["jobQueueSize"])

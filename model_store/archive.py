@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 import catalog
-from catalog import CLASSES, MEAN, STD, VersionSpec, archive_name, dataset_of
+from catalog import CLASSES, MEAN, STD, VersionSpec, archive_name, dataset_of, serving_settings
 from optimize import validate
 from optimize.formats import BUILDERS, FORMATS, built_format, is_built, serialized_path, weights_sha256
 from classifier import Classifier
@@ -64,7 +64,7 @@ def model_config(settings: dict, model: str, spec: VersionSpec) -> dict:
                    mean=list(MEAN[dataset]), std=list(STD[dataset]), temperature=temperature(model))
     if spec.tta:
         handler["tta"] = spec.tta
-    return dict(settings["defaults"]["serving"], **settings["models"][model].get("serving", {}), handler=handler)
+    return dict(serving_settings(settings, model), handler=handler)
 
 
 def classifier(model: str, spec: VersionSpec | str, path=None, threads: int | None = None) -> Classifier:
